@@ -1,0 +1,428 @@
+//! The versioned record one grace image hands to the next across `execve`.
+//!
+//! It travels in the `GRACE_HANDOFF` environment variable of the new image only (it is never
+//! passed on to a server), as lines of space-separated fields; strings are percent-encoded so that
+//! no field can contain a space or a newline. A new field may be added to a version as long as the
+//! decoder skips unknown keys; anything that changes the meaning of an existing one needs a new
+//! version, and `grace __handoff-versions` lets the old image check the new binary first.
+
+use std::fmt::Write as _;
+
+use crate::supervisor::{Cause, GenState, Generation, Millis, Outcome, Phase, Supervisor};
+
+pub const VERSION: u32 = 1;
+/// Versions this binary can adopt.
+pub const READABLE: &[u32] = &[1];
+pub const ENV: &str = "GRACE_HANDOFF";
+
+/// A socket that survives the re-exec, by fd number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketRecord {
+    pub fd: i32,
+    pub stream: bool,
+    pub name: String,
+    pub local: String,
+    pub spec: String,
+    pub unix_path: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub next_gen: u64,
+    pub current: Option<u64>,
+    pub pending_restart: bool,
+    pub seen_notify: bool,
+    pub crashes: Vec<Millis>,
+    pub exit_code: i32,
+    pub gens: Vec<Generation>,
+    pub last_outcome: Option<Outcome>,
+    pub sockets: Vec<SocketRecord>,
+    pub notify_fd: i32,
+    pub notify_name: String,
+}
+
+impl Record {
+    pub fn capture(
+        sup: &Supervisor,
+        sockets: Vec<SocketRecord>,
+        notify_fd: i32,
+        notify_name: String,
+    ) -> Self {
+        Self {
+            next_gen: sup.next_gen,
+            current: sup.current,
+            pending_restart: sup.pending_restart,
+            seen_notify: sup.seen_notify,
+            crashes: sup.crashes.clone(),
+            exit_code: sup.exit_code,
+            gens: sup.gens.clone(),
+            last_outcome: sup.last_outcome.clone(),
+            sockets,
+            notify_fd,
+            notify_name,
+        }
+    }
+
+    /// Puts the state into a supervisor built from this image's command line. The restart that
+    /// caused the re-exec goes on: the phase is `ReExec` until [`crate::supervisor::Event::Adopted`].
+    pub fn restore(&self, sup: &mut Supervisor) {
+        sup.next_gen = self.next_gen;
+        sup.current = self.current;
+        sup.pending_restart = self.pending_restart;
+        sup.seen_notify = self.seen_notify;
+        sup.crashes = self.crashes.clone();
+        sup.exit_code = self.exit_code;
+        sup.gens = self.gens.clone();
+        sup.last_outcome = self.last_outcome.clone();
+        sup.phase = Phase::ReExec;
+    }
+
+    pub fn encode(&self) -> String {
+        let mut s = format!("grace-handoff {VERSION}\n");
+        let _ = writeln!(s, "next_gen {}", self.next_gen);
+        if let Some(c) = self.current {
+            let _ = writeln!(s, "current {c}");
+        }
+        let _ = writeln!(s, "pending_restart {}", u8::from(self.pending_restart));
+        let _ = writeln!(s, "seen_notify {}", u8::from(self.seen_notify));
+        for t in &self.crashes {
+            let _ = writeln!(s, "crash {t}");
+        }
+        let _ = writeln!(s, "exit_code {}", self.exit_code);
+        for g in &self.gens {
+            let state = match &g.state {
+                GenState::Starting { deadline, alive_at } => {
+                    format!(
+                        "starting {deadline} {}",
+                        opt(alive_at.map(|t| t.to_string()))
+                    )
+                }
+                GenState::Ready => "ready - -".to_string(),
+                GenState::Draining { kill_at, killed } => {
+                    format!("draining {kill_at} {}", u8::from(*killed))
+                }
+            };
+            let leader = opt(g.leader_status.map(|c| c.to_string()));
+            let _ = writeln!(
+                s,
+                "generation {} {} {} {leader} {state}",
+                g.id, g.pid, g.started
+            );
+        }
+        match &self.last_outcome {
+            Some(Outcome::Ready {
+                generation,
+                pid,
+                cause,
+            }) => {
+                let cause = match cause {
+                    Cause::Initial => "initial",
+                    Cause::Restart => "restart",
+                    Cause::Crash => "crash",
+                };
+                let _ = writeln!(s, "outcome ready {generation} {pid} {cause}");
+            }
+            Some(Outcome::RolledBack { generation, reason }) => {
+                let _ = writeln!(s, "outcome rolled_back {generation} {}", esc(reason));
+            }
+            Some(Outcome::Failed { reason }) => {
+                let _ = writeln!(s, "outcome failed {}", esc(reason));
+            }
+            None => {}
+        }
+        for k in &self.sockets {
+            let _ = writeln!(
+                s,
+                "socket {} {} {} {} {} {}",
+                k.fd,
+                if k.stream { "stream" } else { "dgram" },
+                esc(&k.name),
+                esc(&k.local),
+                esc(&k.spec),
+                opt(k.unix_path.as_deref().map(esc)),
+            );
+        }
+        let _ = writeln!(s, "notify {} {}", self.notify_fd, esc(&self.notify_name));
+        s
+    }
+
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let mut lines = text.lines();
+        let header = lines.next().unwrap_or_default();
+        let version = header
+            .strip_prefix("grace-handoff ")
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| format!("handoff record: bad header {header:?}"))?;
+        if !READABLE.contains(&version) {
+            return Err(format!(
+                "handoff record version {version} is not supported (this grace reads {READABLE:?})"
+            ));
+        }
+        let mut r = Record {
+            next_gen: 1,
+            current: None,
+            pending_restart: false,
+            seen_notify: false,
+            crashes: Vec::new(),
+            exit_code: 0,
+            gens: Vec::new(),
+            last_outcome: None,
+            sockets: Vec::new(),
+            notify_fd: -1,
+            notify_name: String::new(),
+        };
+        for line in lines {
+            let f: Vec<&str> = line.split(' ').collect();
+            let bad = || format!("handoff record: bad line {line:?}");
+            let num = |i: usize| -> Result<u64, String> {
+                f.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad)
+            };
+            let int = |i: usize| -> Result<i32, String> {
+                f.get(i).and_then(|v| v.parse().ok()).ok_or_else(bad)
+            };
+            let text = |i: usize| -> Result<String, String> {
+                f.get(i).and_then(|v| unesc(v)).ok_or_else(bad)
+            };
+            match f[0] {
+                "next_gen" => r.next_gen = num(1)?,
+                "current" => r.current = Some(num(1)?),
+                "pending_restart" => r.pending_restart = num(1)? == 1,
+                "seen_notify" => r.seen_notify = num(1)? == 1,
+                "crash" => r.crashes.push(num(1)?),
+                "exit_code" => r.exit_code = int(1)?,
+                "generation" => {
+                    let state = match f.get(5).copied() {
+                        Some("starting") => GenState::Starting {
+                            deadline: num(6)?,
+                            alive_at: if f.get(7) == Some(&"-") {
+                                None
+                            } else {
+                                Some(num(7)?)
+                            },
+                        },
+                        Some("ready") => GenState::Ready,
+                        Some("draining") => GenState::Draining {
+                            kill_at: num(6)?,
+                            killed: num(7)? == 1,
+                        },
+                        _ => return Err(bad()),
+                    };
+                    r.gens.push(Generation {
+                        id: num(1)?,
+                        pid: int(2)?,
+                        started: num(3)?,
+                        leader_status: if f.get(4) == Some(&"-") {
+                            None
+                        } else {
+                            Some(int(4)?)
+                        },
+                        state,
+                    });
+                }
+                "outcome" => {
+                    r.last_outcome = Some(match f.get(1).copied() {
+                        Some("ready") => Outcome::Ready {
+                            generation: num(2)?,
+                            pid: int(3)?,
+                            cause: match f.get(4).copied() {
+                                Some("initial") => Cause::Initial,
+                                Some("crash") => Cause::Crash,
+                                _ => Cause::Restart,
+                            },
+                        },
+                        Some("rolled_back") => Outcome::RolledBack {
+                            generation: num(2)?,
+                            reason: text(3)?,
+                        },
+                        Some("failed") => Outcome::Failed { reason: text(2)? },
+                        _ => return Err(bad()),
+                    })
+                }
+                "socket" => r.sockets.push(SocketRecord {
+                    fd: int(1)?,
+                    stream: f.get(2) == Some(&"stream"),
+                    name: text(3)?,
+                    local: text(4)?,
+                    spec: text(5)?,
+                    unix_path: if f.get(6) == Some(&"-") {
+                        None
+                    } else {
+                        Some(text(6)?)
+                    },
+                }),
+                "notify" => {
+                    r.notify_fd = int(1)?;
+                    r.notify_name = text(2)?;
+                }
+                // A key added by a newer image of the same version: not ours to interpret.
+                _ => {}
+            }
+        }
+        if r.notify_fd < 0 {
+            return Err("handoff record: no notify socket".to_string());
+        }
+        Ok(r)
+    }
+}
+
+fn opt(value: Option<String>) -> String {
+    value.unwrap_or_else(|| "-".to_string())
+}
+
+/// Percent-encodes everything but unreserved printable ASCII; `-` alone means "none", so a
+/// literal `-` is encoded too.
+fn esc(text: &str) -> String {
+    if text.is_empty() {
+        return "%".to_string();
+    }
+    let mut out = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_graphic() && b != b'%' && b != b'-' {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
+fn unesc(text: &str) -> Option<String> {
+    if text == "%" {
+        return Some(String::new());
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        Record {
+            next_gen: 5,
+            current: Some(4),
+            pending_restart: true,
+            seen_notify: true,
+            crashes: vec![100, 2_000],
+            exit_code: 3,
+            gens: vec![
+                Generation {
+                    id: 3,
+                    pid: 1200,
+                    state: GenState::Draining {
+                        kill_at: 9_000,
+                        killed: false,
+                    },
+                    started: 10,
+                    leader_status: Some(0),
+                },
+                Generation {
+                    id: 4,
+                    pid: 1300,
+                    state: GenState::Ready,
+                    started: 20,
+                    leader_status: None,
+                },
+                Generation {
+                    id: 5,
+                    pid: 1400,
+                    state: GenState::Starting {
+                        deadline: 99,
+                        alive_at: None,
+                    },
+                    started: 30,
+                    leader_status: None,
+                },
+            ],
+            last_outcome: Some(Outcome::RolledBack {
+                generation: 2,
+                reason: "exited with status 3 - 100% sure\nnext".into(),
+            }),
+            sockets: vec![
+                SocketRecord {
+                    fd: 4,
+                    stream: true,
+                    name: "http".into(),
+                    local: "tcp [::]:8080".into(),
+                    spec: "http=:8080".into(),
+                    unix_path: None,
+                },
+                SocketRecord {
+                    fd: 5,
+                    stream: false,
+                    name: "".into(),
+                    local: "unix /tmp/a b.sock".into(),
+                    spec: "-".into(),
+                    unix_path: Some("/tmp/a b.sock".into()),
+                },
+            ],
+            notify_fd: 6,
+            notify_name: "@grace/1/notify".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let record = sample();
+        let text = record.encode();
+        assert!(text.starts_with("grace-handoff 1\n"));
+        assert!(!text.contains("a b"), "spaces must be escaped: {text}");
+        assert_eq!(Record::decode(&text), Ok(record));
+    }
+
+    #[test]
+    fn every_outcome_round_trips() {
+        for outcome in [
+            Outcome::Ready {
+                generation: 7,
+                pid: 77,
+                cause: Cause::Crash,
+            },
+            Outcome::Ready {
+                generation: 1,
+                pid: 2,
+                cause: Cause::Initial,
+            },
+            Outcome::Failed {
+                reason: "grace binary missing".into(),
+            },
+        ] {
+            let record = Record {
+                last_outcome: Some(outcome),
+                ..sample()
+            };
+            assert_eq!(Record::decode(&record.encode()), Ok(record));
+        }
+    }
+
+    #[test]
+    fn refuses_unknown_versions() {
+        let text = sample()
+            .encode()
+            .replacen("grace-handoff 1", "grace-handoff 2", 1);
+        let err = Record::decode(&text).unwrap_err();
+        assert!(err.contains("version 2 is not supported"), "{err}");
+        assert!(Record::decode("hello").unwrap_err().contains("bad header"));
+    }
+
+    #[test]
+    fn skips_unknown_keys_but_not_malformed_ones() {
+        let text = sample().encode() + "future_key 1 2 3\n";
+        assert_eq!(Record::decode(&text), Ok(sample()));
+        let text = sample().encode() + "generation x\n";
+        assert!(Record::decode(&text).unwrap_err().contains("bad line"));
+    }
+}

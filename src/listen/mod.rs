@@ -1,0 +1,8 @@
+//! The sockets grace owns for its whole life: `--listen` specs, and binding them (or adopting the
+//! fds grace inherited) into close-on-exec listeners.
+
+mod bind;
+mod spec;
+
+pub use bind::{BindOptions, Listener, SocketKind, bind_all};
+pub use spec::ListenSpec;

@@ -1,0 +1,53 @@
+//! grace: zero-downtime restarts for any server.
+
+mod cli;
+mod duration;
+mod exit;
+mod handoff;
+mod listen;
+mod notify;
+mod readiness;
+mod run;
+mod signals;
+mod supervisor;
+mod sys;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::HandoffVersions => {
+            let versions: Vec<String> = handoff::READABLE.iter().map(u32::to_string).collect();
+            println!("{}", versions.join(" "));
+            Ok(0)
+        }
+    };
+    let code = result.unwrap_or_else(|err| {
+        eprintln!("grace: {err:#}");
+        err.downcast_ref::<exit::ExitError>()
+            .map_or(exit::FAILURE, |e| e.code)
+    });
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+/// grace's own lines go to stderr; `GRACE_LOG` (error, warn, info, debug, trace) sets the level.
+fn init_logging() {
+    let level = std::env::var("GRACE_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

@@ -1,0 +1,332 @@
+//! The only place with `unsafe`: the child between `fork` and `execve`, fd flags, and the
+//! process-wide switches grace flips at start-up.
+
+use std::ffi::{CStr, CString, c_char};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
+use nix::libc;
+use nix::unistd::Pid;
+
+/// Everything the child needs, allocated before `fork` so that the child allocates nothing.
+pub struct ExecPlan {
+    program: CString,
+    argv: Vec<CString>,
+    env: Vec<Vec<u8>>,
+    /// Index in `env` of a `LISTEN_PID=` entry whose digits the child writes after `fork`; its
+    /// buffer is long enough for any pid.
+    listen_pid_slot: Option<usize>,
+    /// Sockets to place at fds 3, 4, … in this order.
+    fds: Vec<RawFd>,
+}
+
+/// Room for `LISTEN_PID=` plus the digits of any pid and the terminating NUL.
+const LISTEN_PID_BYTES: usize = "LISTEN_PID=".len() + 20 + 1;
+
+impl ExecPlan {
+    pub fn new(
+        program: CString,
+        argv: Vec<CString>,
+        env: Vec<CString>,
+        listen_pid: bool,
+        fds: Vec<RawFd>,
+    ) -> Self {
+        let mut env: Vec<Vec<u8>> = env.into_iter().map(CString::into_bytes_with_nul).collect();
+        let listen_pid_slot = listen_pid.then(|| {
+            let mut slot = b"LISTEN_PID=".to_vec();
+            slot.resize(LISTEN_PID_BYTES, 0);
+            env.push(slot);
+            env.len() - 1
+        });
+        Self {
+            program,
+            argv,
+            env,
+            listen_pid_slot,
+            fds,
+        }
+    }
+}
+
+/// Forks and executes `plan` in a new process group. Returns the child's pid once `execve`
+/// succeeded, or the errno of the failed `execve` (after reaping the child).
+pub fn spawn(plan: &mut ExecPlan) -> Result<Pid, Errno> {
+    let argv: Vec<*const c_char> = plan
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let env: Vec<*mut c_char> = plan
+        .env
+        .iter_mut()
+        .map(|e| e.as_mut_ptr().cast::<c_char>())
+        .chain(std::iter::once(std::ptr::null_mut()))
+        .collect();
+    let listen_pid_digits: *mut u8 = match plan.listen_pid_slot {
+        // SAFETY: the slot is LISTEN_PID_BYTES long, so the offset stays inside the buffer.
+        Some(i) => unsafe { plan.env[i].as_mut_ptr().add("LISTEN_PID=".len()) },
+        None => std::ptr::null_mut(),
+    };
+    // Scratch space for the child's fd shuffle, allocated here because the child must not allocate.
+    let mut scratch: Vec<RawFd> = vec![-1; plan.fds.len()];
+    let (report_read, report_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+
+    // SAFETY: grace is single-threaded, and the child only calls async-signal-safe functions on
+    // memory prepared above before it execs or exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Errno::last());
+    }
+    if pid == 0 {
+        // SAFETY: we are the child of a fork; `child_exec` never returns.
+        unsafe {
+            child_exec(
+                &plan.program,
+                &argv,
+                &env,
+                listen_pid_digits,
+                &plan.fds,
+                &mut scratch,
+                report_write.as_raw_fd(),
+            )
+        }
+    }
+    drop(report_write);
+    let pid = Pid::from_raw(pid);
+    // Also set the group from the parent, so it is in place before we could signal it, whichever
+    // of the two runs first. EACCES means the child already exec'd: it did it itself then.
+    let _ = nix::unistd::setpgid(pid, pid);
+
+    // The pipe is close-on-exec: EOF means `execve` succeeded, four bytes are its errno.
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    loop {
+        match nix::unistd::read(&report_read, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                if got == buf.len() {
+                    break;
+                }
+            }
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    if got == buf.len() {
+        let errno = Errno::from_raw(i32::from_ne_bytes(buf));
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(errno);
+    }
+    Ok(pid)
+}
+
+/// Runs in the child between `fork` and `execve`: it must not allocate, lock or touch anything
+/// but the prepared buffers (the parent's other threads, if any, could hold a lock forever).
+///
+/// # Safety
+/// Must only be called in a freshly forked child; never returns.
+unsafe fn child_exec(
+    program: &CStr,
+    argv: &[*const c_char],
+    env: &[*mut c_char],
+    listen_pid_digits: *mut u8,
+    fds: &[RawFd],
+    scratch: &mut [RawFd],
+    report: RawFd,
+) -> ! {
+    // SAFETY (whole body): only async-signal-safe system calls on prepared memory.
+    unsafe {
+        // Own process group, so that grace can signal or kill the whole generation.
+        libc::setpgid(0, 0);
+
+        // Dispositions back to default (a handler does not survive exec, but SIG_IGN would), then
+        // an empty mask: grace blocks signals for itself, the server must not inherit that.
+        // The raw system call, because libc refuses the real-time signals it reserves for itself
+        // (32 and 33), and an ignored one of those would still be inherited.
+        let default = KernelSigaction {
+            handler: libc::SIG_DFL,
+            flags: 0,
+            restorer: 0,
+            mask: 0,
+        };
+        for signal in 1..=64 {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    signal,
+                    &default as *const KernelSigaction,
+                    std::ptr::null_mut::<KernelSigaction>(),
+                    std::mem::size_of::<u64>(),
+                );
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+        // Move every source fd above the targets first, so that placing one never overwrites
+        // another that is still to be placed; then dup2 each onto 3+i (dup2 clears FD_CLOEXEC on
+        // exactly those).
+        let target_end = 3 + fds.len() as RawFd;
+        let mut floor = target_end.max(report + 1);
+        for &fd in fds {
+            floor = floor.max(fd + 1);
+        }
+        let report = libc::fcntl(report, libc::F_DUPFD_CLOEXEC, floor);
+        for (i, &fd) in fds.iter().enumerate() {
+            scratch[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
+            if scratch[i] < 0 {
+                fail(report);
+            }
+        }
+        for (i, &fd) in scratch.iter().enumerate() {
+            if libc::dup2(fd, 3 + i as RawFd) < 0 {
+                fail(report);
+            }
+        }
+        // Everything else above the sockets closes at exec, whatever grace inherited.
+        if libc::syscall(
+            libc::SYS_close_range,
+            target_end as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            let mut fd = target_end;
+            while fd < 4096 {
+                if fd != report {
+                    libc::close(fd);
+                }
+                fd += 1;
+            }
+        }
+
+        if !listen_pid_digits.is_null() {
+            write_decimal(listen_pid_digits, libc::getpid() as u64);
+        }
+
+        libc::execve(program.as_ptr(), argv.as_ptr(), env.as_ptr().cast());
+        fail(report)
+    }
+}
+
+/// The kernel's `struct sigaction` (x86_64, aarch64 and the other SA_RESTORER architectures), not
+/// libc's, whose layout differs.
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Writes `n` in decimal followed by a NUL. The buffer has room for 20 digits and the NUL.
+///
+/// # Safety
+/// `out` must point to at least 21 writable bytes.
+unsafe fn write_decimal(out: *mut u8, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: i < len <= 20 and the caller guarantees 21 bytes.
+        unsafe { *out.add(i) = digits[len - 1 - i] };
+    }
+    // SAFETY: len <= 20.
+    unsafe { *out.add(len) = 0 };
+}
+
+/// Reports errno to the parent and exits the child.
+///
+/// # Safety
+/// Child of a fork only.
+unsafe fn fail(report: RawFd) -> ! {
+    // SAFETY: write and _exit are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let bytes = errno.to_ne_bytes();
+        libc::write(report, bytes.as_ptr().cast(), bytes.len());
+        libc::_exit(crate::exit::NOT_FOUND)
+    }
+}
+
+/// Makes grace the reaper of its descendants' orphans (PID 1 is one already).
+pub fn become_subreaper() -> Result<(), Errno> {
+    // SAFETY: prctl with an integer argument touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
+    Errno::result(rc).map(drop)
+}
+
+pub fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> Result<(), Errno> {
+    let flags = FdFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFD)?);
+    let flags = if on {
+        flags | FdFlag::FD_CLOEXEC
+    } else {
+        flags - FdFlag::FD_CLOEXEC
+    };
+    fcntl(fd, FcntlArg::F_SETFD(flags)).map(drop)
+}
+
+/// Marks every fd from 3 up close-on-exec, so nothing grace inherited leaks into a server.
+pub fn cloexec_inherited_fds() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only changes fd flags.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc != 0
+        && let Ok(dir) = std::fs::read_dir("/proc/self/fd")
+    {
+        let fds: Vec<RawFd> = dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd >= 3)
+            .collect();
+        for fd in fds {
+            // SAFETY: F_SETFD on a number only changes that fd's flags (or fails with EBADF).
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+}
+
+/// Takes ownership of an fd number handed over by the previous image (or by systemd).
+///
+/// # Safety-relevant contract
+/// The caller guarantees `fd` is open and owned by nobody else in this process; it is checked to be
+/// open here.
+pub fn adopt_fd(fd: RawFd) -> Result<OwnedFd, Errno> {
+    // SAFETY: F_GETFD reads the flags of a number, touching no memory.
+    Errno::result(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: the fd is open (checked above) and the caller hands us its only ownership.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal() {
+        for n in [0u64, 7, 42, 4_194_304, u64::MAX] {
+            let mut buf = [0xffu8; 21];
+            // SAFETY: buf has 21 bytes.
+            unsafe { write_decimal(buf.as_mut_ptr(), n) };
+            let end = buf.iter().position(|&b| b == 0).unwrap();
+            assert_eq!(std::str::from_utf8(&buf[..end]).unwrap(), n.to_string());
+        }
+    }
+}

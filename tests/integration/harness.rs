@@ -1,0 +1,286 @@
+//! A small harness around the real `grace` binary: start it, read its log lines, poll with
+//! deadlines, and dump everything when an assertion fails.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn grace_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_grace"))
+}
+
+/// A binary built from `examples/` (cargo test builds them next to the test binaries).
+pub fn example(name: &str) -> PathBuf {
+    let path = grace_bin().parent().unwrap().join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --examples`",
+        path.display()
+    );
+    path
+}
+
+/// A fresh directory for one test.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("grace-test-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Grace {
+    pub child: Child,
+    pub args: Vec<String>,
+    lines: Arc<Mutex<Vec<String>>>,
+    status: Option<ExitStatus>,
+}
+
+impl Grace {
+    /// Starts `grace <args>` with stdout and stderr collected line by line.
+    pub fn start(args: &[&str]) -> Grace {
+        Self::start_with(args, |_| {})
+    }
+
+    pub fn start_with(args: &[&str], tweak: impl FnOnce(&mut Command)) -> Grace {
+        let mut cmd = Command::new(grace_bin());
+        cmd.args(args)
+            .env("GRACE_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        tweak(&mut cmd);
+        let mut child = cmd.spawn().expect("starting grace");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Grace {
+            child,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            lines,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// The first line containing `needle` after `skip` lines, waiting up to `timeout`.
+    pub fn wait_line(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_line_count(needle, 1, timeout)
+    }
+
+    /// Waits until `count` lines contain `needle`; returns the last of them.
+    pub fn wait_line_count(&self, needle: &str, count: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let lines = self.lines.lock().unwrap();
+                let hits: Vec<&String> = lines.iter().filter(|l| l.contains(needle)).collect();
+                if hits.len() >= count {
+                    return hits[count - 1].clone();
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {count}x {needle:?}\n{}",
+                    self.describe()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn count_lines(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// The TCP addresses grace logged as bound, in order.
+    pub fn tcp_addrs(&self, n: usize) -> Vec<SocketAddr> {
+        self.wait_line_count("listening on ", n, Duration::from_secs(10));
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter_map(|l| l.split("listening on tcp ").nth(1))
+            .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap())
+            .collect()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        let addr = self.tcp_addrs(1)[0];
+        if addr.ip().is_unspecified() {
+            SocketAddr::new("127.0.0.1".parse().unwrap(), addr.port())
+        } else {
+            addr
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for grace to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                self.status = Some(s);
+                // Let the reader threads catch the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return s;
+            }
+            if Instant::now() > deadline {
+                panic!("grace did not exit within {timeout:?}\n{}", self.describe());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "--- grace {:?} (pid {}) output:\n{}\n---",
+            self.args,
+            self.pid(),
+            self.output()
+        )
+    }
+
+    /// Children of grace (direct), from /proc.
+    pub fn children(&self) -> Vec<i32> {
+        children_of(self.pid())
+    }
+
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .unwrap()
+            .count()
+    }
+}
+
+impl Drop for Grace {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            // Kill the whole tree: grace first so it cannot restart anything, then its children.
+            let kids = descendants(self.pid());
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            for k in kids {
+                let _ = Command::new("kill").arg("-9").arg(k.to_string()).status();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.describe());
+        }
+    }
+}
+
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    if let Ok(text) = std::fs::read_to_string(path) {
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+    }
+    out
+}
+
+pub fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        for c in children_of(p) {
+            out.push(c);
+            stack.push(c);
+        }
+    }
+    out
+}
+
+/// `Z` for zombies etc.: the state letter in /proc/PID/stat.
+pub fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+pub fn alive(pid: i32) -> bool {
+    matches!(proc_state(pid), Some(s) if s != 'Z' && s != 'X')
+}
+
+/// One HTTP/1.1 request on a new connection; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)
+        .map_err(|e| format!("read: {e}"))?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad reply {buf:?}"))?;
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
+    Ok((status, body))
+}
+
+/// The pid from the example server's reply `hello from pid=N generation=G`.
+pub fn served_by(body: &str) -> i32 {
+    body.split("pid=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
