@@ -62,7 +62,15 @@ impl Grace {
     }
 
     pub fn start_with(args: &[&str], tweak: impl FnOnce(&mut Command)) -> Grace {
-        let mut cmd = Command::new(grace_bin());
+        Self::spawn(Command::new(grace_bin()), args, tweak)
+    }
+
+    /// Runs another program (e.g. `unshare … grace run …`) with the same collection of output.
+    pub fn start_raw(program: &str, args: &[&str]) -> Grace {
+        Self::spawn(Command::new(program), args, |_| {})
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str], tweak: impl FnOnce(&mut Command)) -> Grace {
         cmd.args(args)
             .env("GRACE_LOG", "debug")
             .stdin(Stdio::null())

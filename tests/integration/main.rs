@@ -1,8 +1,12 @@
 //! Integration tests: the real `grace` binary, real sockets on loopback, real servers.
 
+mod bad_input;
 mod contract;
+mod gunicorn;
 mod harness;
 mod load;
+mod pid1;
 mod restart;
 mod rollback;
 mod stop;
+mod upgrade;
