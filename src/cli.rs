@@ -32,10 +32,70 @@ pub struct Cli {
 pub enum Command {
     /// Bind the sockets and run COMMAND on them, restarting it in place on SIGUSR2.
     Run(RunArgs),
+    /// Restart the running grace and wait for the outcome: exit 0 once the new generation serves,
+    /// 1 with the reason when it was rolled back.
+    Restart(ClientArgs),
+    /// Show the running grace's generations, PIDs, states, listen addresses and last restart.
+    Status(StatusArgs),
+    /// Stop the running grace gracefully and wait until it has exited.
+    Stop(ClientArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) or the man page (man).
+    Completions {
+        /// bash, zsh, fish, elvish, powershell, or man
+        #[arg(value_name = "SHELL")]
+        shell: CompletionTarget,
+    },
     /// Print the handoff record versions this binary can adopt (asked by the running grace before
     /// it re-executes an upgraded binary).
     #[command(name = "__handoff-versions", hide = true)]
     HandoffVersions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionTarget {
+    Bash,
+    Zsh,
+    Fish,
+    Elvish,
+    Powershell,
+    /// The man page (roff).
+    Man,
+}
+
+/// How `grace restart`, `status` and `stop` find the running grace: `--control`, `--pid-file`, or
+/// with neither, the grace that is PID 1 (in a container: `docker exec c grace restart`).
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The control socket that `grace run --control PATH` created.
+    #[arg(long, value_name = "PATH", conflicts_with = "pid_file")]
+    pub control: Option<PathBuf>,
+
+    /// The pid file that `grace run --pid-file PATH` wrote.
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Give up waiting for the answer after this long.
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// Print the status as JSON (the same object as `--status-file`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Environment variables of other tools, for servers written for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Compat {
+    /// `SERVER_STARTER_PORT` (`addr=fd;…`) and `SERVER_STARTER_GENERATION`, as start_server sets them.
+    ServerStarter,
+    /// `EINHORN_FD_COUNT` and `EINHORN_FD_<i>`, as einhorn sets them.
+    Einhorn,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +145,18 @@ pub struct RunArgs {
     /// Write grace's PID here (atomically); removed on exit.
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
+
+    /// Also accept restart/status/stop requests on this Unix socket (mode 0600, same user or root).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Keep this file up to date with the status as JSON (rewritten atomically on every change).
+    #[arg(long, value_name = "PATH")]
+    pub status_file: Option<PathBuf>,
+
+    /// Also set the environment another tool's servers expect (repeatable).
+    #[arg(long, value_name = "TOOL", value_enum)]
+    pub compat: Vec<Compat>,
 
     /// Listen backlog [default: the system's somaxconn].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..))]

@@ -26,6 +26,21 @@ pub struct SocketRecord {
     pub unix_path: Option<String>,
 }
 
+/// A control socket (`--control PATH` or the abstract one), by fd number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlRecord {
+    pub fd: i32,
+    pub display: String,
+    pub path: Option<String>,
+}
+
+/// A `grace restart` client waiting for the outcome of restart number `target`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    pub fd: i32,
+    pub target: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub next_gen: u64,
@@ -39,6 +54,10 @@ pub struct Record {
     pub sockets: Vec<SocketRecord>,
     pub notify_fd: i32,
     pub notify_name: String,
+    /// Restarts started so far (each re-exec is one).
+    pub restarts: u64,
+    pub controls: Vec<ControlRecord>,
+    pub clients: Vec<ClientRecord>,
 }
 
 impl Record {
@@ -60,6 +79,9 @@ impl Record {
             sockets,
             notify_fd,
             notify_name,
+            restarts: 0,
+            controls: Vec::new(),
+            clients: Vec::new(),
         }
     }
 
@@ -143,6 +165,14 @@ impl Record {
             );
         }
         let _ = writeln!(s, "notify {} {}", self.notify_fd, esc(&self.notify_name));
+        let _ = writeln!(s, "restarts {}", self.restarts);
+        for c in &self.controls {
+            let path = opt(c.path.as_deref().map(esc));
+            let _ = writeln!(s, "control {} {} {path}", c.fd, esc(&c.display));
+        }
+        for c in &self.clients {
+            let _ = writeln!(s, "client {} {}", c.fd, c.target);
+        }
         s
     }
 
@@ -170,6 +200,9 @@ impl Record {
             sockets: Vec::new(),
             notify_fd: -1,
             notify_name: String::new(),
+            restarts: 0,
+            controls: Vec::new(),
+            clients: Vec::new(),
         };
         for line in lines {
             let f: Vec<&str> = line.split(' ').collect();
@@ -254,6 +287,20 @@ impl Record {
                     r.notify_fd = int(1)?;
                     r.notify_name = text(2)?;
                 }
+                "restarts" => r.restarts = num(1)?,
+                "control" => r.controls.push(ControlRecord {
+                    fd: int(1)?,
+                    display: text(2)?,
+                    path: if f.get(3) == Some(&"-") {
+                        None
+                    } else {
+                        Some(text(3)?)
+                    },
+                }),
+                "client" => r.clients.push(ClientRecord {
+                    fd: int(1)?,
+                    target: num(2)?,
+                }),
                 // A key added by a newer image of the same version: not ours to interpret.
                 _ => {}
             }
@@ -371,6 +418,20 @@ mod tests {
             ],
             notify_fd: 6,
             notify_name: "@grace/1/notify".into(),
+            restarts: 9,
+            controls: vec![
+                ControlRecord {
+                    fd: 7,
+                    display: "@grace/control/1".into(),
+                    path: None,
+                },
+                ControlRecord {
+                    fd: 8,
+                    display: "/run/grace ctl.sock".into(),
+                    path: Some("/run/grace ctl.sock".into()),
+                },
+            ],
+            clients: vec![ClientRecord { fd: 9, target: 10 }],
         }
     }
 

@@ -1,6 +1,8 @@
 //! grace: zero-downtime restarts for any server.
 
 mod cli;
+mod client;
+mod control;
 mod duration;
 mod exit;
 mod handoff;
@@ -9,6 +11,7 @@ mod notify;
 mod readiness;
 mod run;
 mod signals;
+mod status;
 mod supervisor;
 mod sys;
 
@@ -24,6 +27,10 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Restart(args) => client::restart(&args),
+        Command::Status(args) => client::status(&args),
+        Command::Stop(args) => client::stop(&args),
+        Command::Completions { shell } => client::completions(shell),
         Command::HandoffVersions => {
             let versions: Vec<String> = handoff::READABLE.iter().map(u32::to_string).collect();
             println!("{}", versions.join(" "));

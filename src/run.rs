@@ -6,6 +6,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,14 +18,18 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
-use crate::cli::RunArgs;
+use crate::cli::{Compat, RunArgs};
+use crate::control::{self, ControlSocket, Request};
 use crate::exit::{self, ExitError};
-use crate::handoff::{self, Record, SocketRecord};
+use crate::handoff::{self, ClientRecord, ControlRecord, Record, SocketRecord};
 use crate::listen::{BindOptions, Listener, SocketKind, bind_all};
 use crate::notify::{NotifySocket, lineage};
 use crate::readiness::{self, AUTO_DELAY, PROBE_INTERVAL, ReadyMode};
 use crate::signals::{SignalEvent, Signals, classify};
-use crate::supervisor::{Action, AliveRule, Event, GenId, Millis, Outcome, Policy, Supervisor};
+use crate::status;
+use crate::supervisor::{
+    Action, AliveRule, Cause, Event, GenId, Millis, Outcome, Phase, Policy, Supervisor,
+};
 use crate::sys::{self, ExecPlan};
 
 /// Variables grace sets for a generation, or that belong to grace itself: never passed through.
@@ -68,6 +73,17 @@ pub struct Runtime {
     /// The grace binary to re-execute, resolved at start-up.
     grace_exe: PathBuf,
     probes: Vec<Probe>,
+    control: Vec<ControlSocket>,
+    /// `grace restart` clients, each waiting for the outcome of restart number `.1`.
+    waiting: Vec<(UnixStream, u64)>,
+    /// `grace stop` clients: they see end-of-file when grace exits.
+    stopping: Vec<UnixStream>,
+    /// Restarts started so far; survives re-exec.
+    restarts: u64,
+    /// The last status written to `--status-file`.
+    status_written: String,
+    /// Whether STOPPING=1 went to systemd already.
+    told_stopping: bool,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
@@ -80,15 +96,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let mut sup = Supervisor::new(policy);
 
     let adopted = std::env::var(handoff::ENV).ok();
-    let (listeners, notify, first) = match adopted {
+    let (listeners, notify, control, waiting, restarts, first) = match adopted {
         Some(text) => {
             let record = Record::decode(&text)
                 .map_err(anyhow::Error::msg)
                 .context("adopting the previous image's state")?;
             record.restore(&mut sup);
-            let (listeners, notify) = adopt(&record)?;
+            let (listeners, notify, control, waiting) = adopt(&record)?;
             info!("re-executed; continuing the restart");
-            (listeners, notify, Event::Adopted)
+            (
+                listeners,
+                notify,
+                control,
+                waiting,
+                record.restarts,
+                Event::Adopted,
+            )
         }
         None => {
             sys::cloexec_inherited_fds();
@@ -101,7 +124,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             for l in &listeners {
                 info!("listening on {} (name {})", l.local, l.name);
             }
-            (listeners, NotifySocket::create()?, Event::Start)
+            let control = control::open(args.control.as_deref())?;
+            let notify = NotifySocket::create()?;
+            (listeners, notify, control, Vec::new(), 0, Event::Start)
         }
     };
     let grace_exe = grace_exe();
@@ -116,9 +141,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         notify,
         grace_exe,
         probes: Vec::new(),
+        control,
+        waiting,
+        stopping: Vec::new(),
+        restarts,
+        status_written: String::new(),
+        told_stopping: false,
     };
     let code = rt.event_loop(first);
     rt.cleanup();
+    rt.farewell();
     Ok(code)
 }
 
@@ -190,19 +222,28 @@ fn resolve_command(command: &[OsString]) -> anyhow::Result<PathBuf> {
     })
 }
 
-fn adopt(record: &Record) -> anyhow::Result<(Vec<Listener>, NotifySocket)> {
+type Adopted = (
+    Vec<Listener>,
+    NotifySocket,
+    Vec<ControlSocket>,
+    Vec<(UnixStream, u64)>,
+);
+
+fn adopt(record: &Record) -> anyhow::Result<Adopted> {
+    let take = |fd: i32, what: &str| -> anyhow::Result<std::os::fd::OwnedFd> {
+        let owned = sys::adopt_fd(fd).with_context(|| format!("adopting fd {fd} ({what})"))?;
+        sys::set_cloexec(owned.as_fd(), true)?;
+        Ok(owned)
+    };
     let mut listeners = Vec::new();
     for s in &record.sockets {
-        let fd = sys::adopt_fd(s.fd)
-            .with_context(|| format!("adopting socket fd {} ({})", s.fd, s.local))?;
-        sys::set_cloexec(fd.as_fd(), true)?;
         let kind = if s.stream {
             SocketKind::Stream
         } else {
             SocketKind::Datagram
         };
         listeners.push(Listener::from_parts(
-            fd,
+            take(s.fd, &s.local)?,
             s.name.clone(),
             kind,
             s.local.clone(),
@@ -210,18 +251,28 @@ fn adopt(record: &Record) -> anyhow::Result<(Vec<Listener>, NotifySocket)> {
             s.spec.clone(),
         ));
     }
-    let fd = sys::adopt_fd(record.notify_fd).context("adopting the notify socket")?;
-    sys::set_cloexec(fd.as_fd(), true)?;
-    Ok((
-        listeners,
-        NotifySocket::from_fd(fd, record.notify_name.clone())?,
-    ))
+    let notify = NotifySocket::from_fd(
+        take(record.notify_fd, "notify socket")?,
+        record.notify_name.clone(),
+    )?;
+    let mut controls = Vec::new();
+    for c in &record.controls {
+        let fd = take(c.fd, &c.display)?;
+        controls.push(control::adopt(
+            fd,
+            c.display.clone(),
+            c.path.as_ref().map(PathBuf::from),
+        )?);
+    }
+    let mut waiting = Vec::new();
+    for c in &record.clients {
+        waiting.push((UnixStream::from(take(c.fd, "restart client")?), c.target));
+    }
+    Ok((listeners, notify, controls, waiting))
 }
 
 fn write_pid_file(path: &Path) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, format!("{}\n", std::process::id()))
-        .and_then(|()| std::fs::rename(&tmp, path))
+    status::write_atomically(path, &format!("{}\n", std::process::id()))
         .with_context(|| format!("writing pid file {}", path.display()))
 }
 
@@ -233,9 +284,17 @@ impl Runtime {
                 let actions = self.sup.step(now(), event);
                 for action in actions {
                     if let Some(code) = self.perform(action, &mut events) {
+                        self.answer_all("failed grace exited");
+                        self.publish_status();
                         return code;
                     }
                 }
+            }
+            self.publish_status();
+            if matches!(self.sup.phase, Phase::Stopping { .. }) && !self.told_stopping {
+                self.told_stopping = true;
+                self.answer_all("failed grace is stopping");
+                tell_systemd(&[sd_notify::NotifyState::Stopping]);
             }
             self.wait(&mut events);
         }
@@ -259,13 +318,21 @@ impl Runtime {
             Some(t) => PollTimeout::try_from(t.saturating_sub(now()).min(i32::MAX as u64))
                 .unwrap_or(PollTimeout::MAX),
         };
-        let mut fds = [
-            PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
-            PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
-        ];
+        let mut fds: Vec<PollFd> = [self.signals.as_fd(), self.notify.as_fd()]
+            .into_iter()
+            .chain(self.control.iter().map(|c| c.as_fd()))
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
         match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => error!("poll: {e}"),
+        }
+        let control_ready: Vec<bool> = fds[2..].iter().map(|f| f.any().unwrap_or(false)).collect();
+        drop(fds);
+        for (i, ready) in control_ready.into_iter().enumerate() {
+            if ready {
+                self.serve_control(i, events);
+            }
         }
         for signal in self.signals.drain() {
             match classify(signal) {
@@ -287,6 +354,118 @@ impl Runtime {
         self.read_notify(events);
         self.run_probes(events);
         events.push_back(Event::Tick);
+    }
+
+    /// Takes every pending request on control socket `i`.
+    fn serve_control(&mut self, i: usize, events: &mut VecDeque<Event>) {
+        while let Some((stream, request)) = control::accept(&self.control[i]) {
+            match request {
+                Request::Status => control::reply(&stream, &self.status_json()),
+                Request::StatusText => control::reply(&stream, &self.status_text()),
+                Request::Restart if matches!(self.sup.phase, Phase::Stopping { .. }) => {
+                    control::reply(&stream, "failed grace is stopping")
+                }
+                Request::Restart => {
+                    info!("control: restart requested");
+                    // The restart that includes this request: the next one to start.
+                    self.waiting.push((stream, self.restarts + 1));
+                    events.push_back(Event::RestartRequested);
+                }
+                Request::Stop => {
+                    info!("control: stop requested");
+                    control::reply(&stream, "stopping");
+                    self.stopping.push(stream);
+                    events.push_back(Event::StopRequested);
+                }
+            }
+        }
+    }
+
+    /// Tells `grace stop` clients that grace is done, and gives them up to a second to hang up
+    /// first: as PID 1, grace's exit kills every process left in the namespace, the client included.
+    fn farewell(&mut self) {
+        for stream in &self.stopping {
+            control::reply(stream, "stopped");
+        }
+        let deadline = now() + 1000;
+        while !self.stopping.is_empty() && now() < deadline {
+            let mut fds: Vec<PollFd> = self
+                .stopping
+                .iter()
+                .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN))
+                .collect();
+            let left =
+                PollTimeout::try_from(deadline.saturating_sub(now())).unwrap_or(PollTimeout::ZERO);
+            if poll(&mut fds, left).unwrap_or(0) == 0 {
+                break;
+            }
+            let hung_up: Vec<bool> = fds.iter().map(|f| f.any().unwrap_or(true)).collect();
+            drop(fds);
+            let mut i = 0;
+            self.stopping.retain(|_| {
+                i += 1;
+                !hung_up[i - 1]
+            });
+        }
+    }
+
+    /// Answers the `grace restart` clients whose restart has ended.
+    fn answer_restarts(&mut self, line: &str) {
+        let done = self.restarts;
+        self.waiting.retain(|(stream, target)| {
+            if *target <= done {
+                control::reply(stream, line);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn answer_all(&mut self, line: &str) {
+        for (stream, _) in self.waiting.drain(..) {
+            control::reply(&stream, line);
+        }
+    }
+
+    fn status_json(&self) -> String {
+        status::json(&status::View {
+            sup: &self.sup,
+            listeners: &self.listeners,
+            now: now(),
+            restarts: self.restarts,
+        })
+    }
+
+    fn status_text(&self) -> String {
+        status::text(&status::View {
+            sup: &self.sup,
+            listeners: &self.listeners,
+            now: now(),
+            restarts: self.restarts,
+        })
+    }
+
+    /// Rewrites `--status-file` when something in it changed (uptimes aside).
+    fn publish_status(&mut self) {
+        let Some(path) = &self.args.status_file else {
+            return;
+        };
+        let view = status::View {
+            sup: &self.sup,
+            listeners: &self.listeners,
+            now: 0,
+            restarts: self.restarts,
+        };
+        let key = status::json(&view);
+        if key == self.status_written {
+            return;
+        }
+        let text = self.status_json() + "\n";
+        match status::write_atomically(path, &text) {
+            Ok(()) => self.status_written = key,
+            Err(e) => warn!("writing status file {}: {e}", path.display()),
+        }
     }
 
     fn probing(&self) -> bool {
@@ -406,6 +585,14 @@ impl Runtime {
         match action {
             Action::Spawn { generation } => events.push_back(self.spawn(generation)),
             Action::ReExec => {
+                self.restarts += 1;
+                if let Ok(usec) = sd_notify::NotifyState::monotonic_usec_now() {
+                    tell_systemd(&[
+                        sd_notify::NotifyState::Reloading,
+                        usec,
+                        sd_notify::NotifyState::Status("restarting"),
+                    ]);
+                }
                 let reason = self.reexec();
                 events.push_back(Event::ReExecFailed(reason));
             }
@@ -425,13 +612,25 @@ impl Runtime {
         None
     }
 
+    /// Logs the outcome, answers the `grace restart` clients it concerns and tells systemd.
     fn report(&mut self, outcome: &Outcome) {
-        let generation = match outcome {
+        use sd_notify::NotifyState::{Ready, Status};
+        match outcome {
             Outcome::Ready {
-                generation, pid, ..
+                generation,
+                pid,
+                cause,
             } => {
                 info!("generation {generation} (pid {pid}) is serving");
-                *generation
+                self.probes.retain(|p| p.generation != *generation);
+                let status = format!("serving: generation {generation} (pid {pid})");
+                match cause {
+                    Cause::Initial | Cause::Restart => tell_systemd(&[Ready, Status(&status)]),
+                    Cause::Crash => tell_systemd(&[Status(&status)]),
+                }
+                if *cause == Cause::Restart {
+                    self.answer_restarts(&format!("ok generation={generation} pid={pid}"));
+                }
             }
             Outcome::RolledBack { generation, reason } => {
                 let last = self
@@ -439,20 +638,23 @@ impl Runtime {
                     .iter()
                     .find(|p| p.generation == *generation)
                     .and_then(|p| p.last_error.clone());
-                match last {
-                    Some(probe) => warn!(
-                        "restart failed: generation {generation} {reason} (last check: {probe})"
-                    ),
-                    None => warn!("restart failed: generation {generation} {reason}"),
-                }
-                *generation
+                let reason = match last {
+                    Some(check) => {
+                        format!("generation {generation} {reason} (last check: {check})")
+                    }
+                    None => format!("generation {generation} {reason}"),
+                };
+                warn!("restart failed: {reason}");
+                self.probes.retain(|p| p.generation != *generation);
+                tell_systemd(&[Ready, Status(&format!("restart failed: {reason}"))]);
+                self.answer_restarts(&format!("failed {reason}"));
             }
             Outcome::Failed { reason } => {
                 warn!("restart failed: {reason}");
-                return;
+                tell_systemd(&[Ready, Status(&format!("restart failed: {reason}"))]);
+                self.answer_restarts(&format!("failed {reason}"));
             }
-        };
-        self.probes.retain(|p| p.generation != generation);
+        }
     }
 
     fn spawn(&mut self, generation: GenId) -> Event {
@@ -501,6 +703,9 @@ impl Runtime {
             ("GRACE_GENERATION", generation.to_string()),
         ] {
             env.extend(env_entry(OsStr::new(k), OsStr::new(&v)));
+        }
+        for (k, v) in compat_env(&self.args.compat, &self.listeners, generation) {
+            env.extend(env_entry(OsStr::new(&k), OsStr::new(&v)));
         }
         let argv: Vec<CString> = self
             .args
@@ -554,20 +759,44 @@ impl Runtime {
                 unix_path: l.unix_path.as_ref().map(|p| p.display().to_string()),
             })
             .collect();
-        let record = Record::capture(
+        let mut record = Record::capture(
             &self.sup,
             sockets,
             self.notify.as_fd().as_raw_fd(),
             self.notify.name.clone(),
         );
+        record.restarts = self.restarts;
+        record.controls = self
+            .control
+            .iter()
+            .map(|c| ControlRecord {
+                fd: c.as_fd().as_raw_fd(),
+                display: c.display.clone(),
+                path: c.path.as_ref().map(|p| p.display().to_string()),
+            })
+            .collect();
+        record.clients = self
+            .waiting
+            .iter()
+            .map(|(stream, target)| ClientRecord {
+                fd: stream.as_raw_fd(),
+                target: *target,
+            })
+            .collect();
+        // Exactly the fds the record names survive the exec.
         let keep: Vec<_> = self
             .listeners
             .iter()
             .map(|l| l.fd.as_fd())
             .chain(std::iter::once(self.notify.as_fd()))
+            .chain(self.control.iter().map(|c| c.as_fd()))
+            .chain(self.waiting.iter().map(|(stream, _)| stream.as_fd()))
             .collect();
         for fd in &keep {
             if let Err(e) = sys::set_cloexec(*fd, false) {
+                for fd in &keep {
+                    let _ = sys::set_cloexec(*fd, true);
+                }
                 return format!("preparing fd {} for re-exec: {e}", fd.as_raw_fd());
             }
         }
@@ -593,15 +822,73 @@ impl Runtime {
         format!("re-executing {}: {}", self.grace_exe.display(), err.desc())
     }
 
+    /// What grace leaves behind on its final exit (never on re-exec): nothing.
     fn cleanup(&mut self) {
-        if let Some(path) = &self.args.pid_file {
+        for path in [&self.args.pid_file, &self.args.status_file]
+            .into_iter()
+            .flatten()
+        {
             let _ = std::fs::remove_file(path);
         }
         for l in &self.listeners {
-            if let Some(path) = &l.unix_path {
+            let _ = l.remove_socket_file();
+        }
+        for c in &self.control {
+            if let Some(path) = &c.path {
                 let _ = std::fs::remove_file(path);
             }
         }
+    }
+}
+
+/// Sends `states` to systemd when grace runs under it (`NOTIFY_SOCKET` in grace's own environment);
+/// a no-op otherwise.
+fn tell_systemd(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        debug!("sd_notify: {e}");
+    }
+}
+
+/// The variables another tool's servers expect (`--compat`), for sockets placed at 3, 4, …
+fn compat_env(
+    compat: &[Compat],
+    listeners: &[Listener],
+    generation: GenId,
+) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for tool in compat {
+        match tool {
+            Compat::ServerStarter => {
+                // start_server's format: `PORT=FD` pairs joined by `;`, the port as it was given
+                // (`8080`, `127.0.0.1:8080`, or a unix socket path).
+                let ports: Vec<String> = listeners
+                    .iter()
+                    .enumerate()
+                    .map(|(i, l)| format!("{}={}", server_starter_port(l), 3 + i))
+                    .collect();
+                env.push(("SERVER_STARTER_PORT".into(), ports.join(";")));
+                env.push(("SERVER_STARTER_GENERATION".into(), generation.to_string()));
+            }
+            Compat::Einhorn => {
+                env.push(("EINHORN_FD_COUNT".into(), listeners.len().to_string()));
+                for i in 0..listeners.len() {
+                    env.push((format!("EINHORN_FD_{i}"), (3 + i).to_string()));
+                }
+            }
+        }
+    }
+    env
+}
+
+/// `8080` for a wildcard TCP socket, `host:port` for a specific one, the path for a unix socket.
+fn server_starter_port(l: &Listener) -> String {
+    let address = l.local.split_once(' ').map_or(l.local.as_str(), |(_, a)| a);
+    if l.local.starts_with("unix ") {
+        return address.to_string();
+    }
+    match address.rsplit_once(':') {
+        Some(("[::]" | "0.0.0.0", port)) => port.to_string(),
+        _ => address.to_string(),
     }
 }
 

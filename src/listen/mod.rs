@@ -5,4 +5,4 @@ mod bind;
 mod spec;
 
 pub use bind::{BindOptions, Listener, SocketKind, bind_all};
-pub use spec::ListenSpec;
+pub use spec::{Addr, ListenSpec};

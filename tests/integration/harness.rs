@@ -70,6 +70,11 @@ impl Grace {
         Self::spawn(Command::new(program), args, |_| {})
     }
 
+    /// Runs a prepared command (its arguments already set) with the same collection of output.
+    pub fn from_command(cmd: Command) -> Grace {
+        Self::spawn(cmd, &[], |_| {})
+    }
+
     fn spawn(mut cmd: Command, args: &[&str], tweak: impl FnOnce(&mut Command)) -> Grace {
         cmd.args(args)
             .env("GRACE_LOG", "debug")

@@ -5,6 +5,7 @@ mod contract;
 mod gunicorn;
 mod harness;
 mod load;
+mod operate;
 mod pid1;
 mod restart;
 mod rollback;
