@@ -295,6 +295,7 @@ impl Runtime {
                 self.told_stopping = true;
                 self.answer_all("failed grace is stopping");
                 tell_systemd(&[sd_notify::NotifyState::Stopping]);
+                extend_systemd_timeout(self.args.drain_timeout);
             }
             self.wait(&mut events);
         }
@@ -583,7 +584,12 @@ impl Runtime {
     /// Carries out one action; returns the exit code when grace is done.
     fn perform(&mut self, action: Action, events: &mut VecDeque<Event>) -> Option<i32> {
         match action {
-            Action::Spawn { generation } => events.push_back(self.spawn(generation)),
+            Action::Spawn { generation } => {
+                // systemd's start/reload timeout may be shorter than ours: ask for the time the
+                // readiness gate can take.
+                extend_systemd_timeout(self.args.ready_timeout);
+                events.push_back(self.spawn(generation));
+            }
             Action::ReExec => {
                 self.restarts += 1;
                 if let Ok(usec) = sd_notify::NotifyState::monotonic_usec_now() {
@@ -847,6 +853,14 @@ fn tell_systemd(states: &[sd_notify::NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
         debug!("sd_notify: {e}");
     }
+}
+
+/// Asks systemd for `wait` more (plus a margin for grace's own work) before it times out.
+fn extend_systemd_timeout(wait: Duration) {
+    let usec = (wait + Duration::from_secs(5))
+        .as_micros()
+        .min(u32::MAX as u128) as u32;
+    tell_systemd(&[sd_notify::NotifyState::ExtendTimeoutUsec(usec)]);
 }
 
 /// The variables another tool's servers expect (`--compat`), for sockets placed at 3, 4, …

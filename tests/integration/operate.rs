@@ -228,6 +228,7 @@ fn no_running_grace_is_one_clear_line() {
 struct FakeSystemd {
     sock: UnixDatagram,
     path: PathBuf,
+    extended: std::cell::Cell<u64>,
 }
 
 impl FakeSystemd {
@@ -236,7 +237,11 @@ impl FakeSystemd {
         let sock = UnixDatagram::bind(&path).unwrap();
         nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true).unwrap();
         sock.set_read_timeout(Some(T)).unwrap();
-        FakeSystemd { sock, path }
+        FakeSystemd {
+            sock,
+            path,
+            extended: std::cell::Cell::new(0),
+        }
     }
 
     fn next(&self) -> (i32, String) {
@@ -262,7 +267,8 @@ impl FakeSystemd {
         (pid, String::from_utf8_lossy(&buf[..len]).into_owned())
     }
 
-    /// The next message that carries a state change (STATUS-only lines are skipped).
+    /// The next message that carries a state change; STATUS= and EXTEND_TIMEOUT_USEC= alone are
+    /// skipped (the largest extension seen meanwhile is kept).
     fn next_state(&self, grace_pid: i32) -> String {
         loop {
             let (pid, text) = self.next();
@@ -270,7 +276,16 @@ impl FakeSystemd {
                 pid, grace_pid,
                 "every message comes from grace's own (stable) pid: {text}"
             );
-            if text.lines().any(|l| !l.starts_with("STATUS=")) {
+            if let Some(usec) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("EXTEND_TIMEOUT_USEC="))
+            {
+                let usec: u64 = usec.parse().unwrap();
+                self.extended.set(self.extended.get().max(usec));
+            }
+            let state =
+                |l: &str| !l.starts_with("STATUS=") && !l.starts_with("EXTEND_TIMEOUT_USEC=");
+            if text.lines().any(state) {
                 return text;
             }
         }
@@ -286,6 +301,8 @@ fn systemd_sees_ready_reloading_ready_stopping_from_one_pid() {
             "run",
             "--listen",
             "127.0.0.1:0",
+            "--ready-timeout",
+            "2m",
             "--",
             server.to_str().unwrap(),
         ],
@@ -296,6 +313,10 @@ fn systemd_sees_ready_reloading_ready_stopping_from_one_pid() {
     let pid = grace.pid();
     let first = systemd.next_state(pid);
     assert!(first.lines().any(|l| l == "READY=1"), "{first}");
+    assert!(
+        systemd.extended.get() >= 120_000_000,
+        "the start timeout is extended to --ready-timeout"
+    );
     assert!(first.contains("STATUS=serving: generation 1"), "{first}");
 
     grace.signal("USR2");
