@@ -26,7 +26,9 @@
 //! Behaviour words (from `--behavior` and from `--behavior-file`, read once at start-up so that
 //! successive generations of one command line can behave differently): `exit-immediately`,
 //! `never-ready`, `ignore-term`, `crash-after-ready`, `unhealthy` (`/health` answers 503),
-//! `slow-start=DUR`, `exit-code=N`.
+//! `close-sockets` (closes every passed socket, then claims to be ready), `daemonize` (forks, and
+//! the parent exits 0 while the child keeps serving), `flood-notify=N` (N junk notify messages
+//! before READY=1), `slow-start=DUR`, `exit-code=N`.
 
 use std::env;
 use std::ffi::OsString;
@@ -133,7 +135,24 @@ fn run() -> Result<u8, Fatal> {
     // Adopt the activated fds before this process opens any fd of its own: if LISTEN_FDS names
     // a number that is not actually open, our own pipe could otherwise land on it and be
     // mistaken for (and closed as) a passed socket.
-    let activated = activated_listeners(pid)?;
+    let mut activated = activated_listeners(pid)?;
+    if behavior.close_sockets {
+        note!("close-sockets: closing every passed socket");
+        activated = Some(Vec::new());
+    }
+    let pid = if behavior.daemonize {
+        // SAFETY: no thread exists yet, so the child is a complete copy of this process.
+        match unsafe { nix::unistd::fork() } {
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                note!("daemonize: child {child} keeps serving, parent exits 0");
+                return Ok(0);
+            }
+            Ok(nix::unistd::ForkResult::Child) => std::process::id(),
+            Err(e) => return Err(Fatal::runtime(format!("daemonize: fork: {e}"))),
+        }
+    } else {
+        pid
+    };
 
     // Block the stop signals before any thread exists, so that every thread inherits the mask
     // and a SIGTERM that arrives during start-up stays pending for the signal thread.
@@ -164,6 +183,9 @@ fn run() -> Result<u8, Fatal> {
             "ready pid={pid} generation={} listeners={count}",
             shared.generation
         );
+        for i in 0..behavior.flood_notify {
+            notify(&format!("STATUS=flood {i}"));
+        }
         notify_ready(pid);
     }
     if behavior.crash_after_ready {
@@ -232,7 +254,7 @@ usage: server [--bind ADDR]... [--behavior WORDS]... [--behavior-file PATH]
 Serves HTTP/1.1 on the sockets passed by systemd socket activation (LISTEN_FDS),
 or on --bind ADDR (host:port, [v6]:port, unix:/path) when there are none.
 
-Behaviour words: exit-immediately never-ready ignore-term crash-after-ready unhealthy
+Behaviour words: exit-immediately never-ready ignore-term crash-after-ready unhealthy\n  close-sockets daemonize flood-notify=N
                  slow-start=DUR exit-code=N";
 
 impl Args {
@@ -285,6 +307,9 @@ struct Behavior {
     ignore_term: bool,
     crash_after_ready: bool,
     unhealthy: bool,
+    close_sockets: bool,
+    daemonize: bool,
+    flood_notify: u32,
     slow_start: Option<Duration>,
     exit_code: u8,
 }
@@ -298,6 +323,9 @@ impl Behavior {
             ignore_term: false,
             crash_after_ready: false,
             unhealthy: false,
+            close_sockets: false,
+            daemonize: false,
+            flood_notify: 0,
             slow_start: None,
             exit_code: 0,
         };
@@ -335,12 +363,19 @@ impl Behavior {
                 "ignore-term" => self.ignore_term = true,
                 "crash-after-ready" => self.crash_after_ready = true,
                 "unhealthy" => self.unhealthy = true,
+                "close-sockets" => self.close_sockets = true,
+                "daemonize" => self.daemonize = true,
                 _ => return Err(format!("unknown behavior {word:?}")),
             },
             Some(("slow-start", value)) => {
                 let delay = parse_duration(value)
                     .ok_or_else(|| format!("bad duration in {word:?} (use e.g. 500ms, 2s, 1m)"))?;
                 self.slow_start = Some(delay);
+            }
+            Some(("flood-notify", value)) => {
+                self.flood_notify = value
+                    .parse()
+                    .map_err(|_| format!("bad count in {word:?}"))?;
             }
             Some(("exit-code", value)) => {
                 self.exit_code = value
@@ -495,10 +530,14 @@ fn signal_loop(set: SigSet, ignore_term: bool, shared: &Shared) {
 
 /// Sends `READY=1` to `NOTIFY_SOCKET` if it is set. Failure is reported, not fatal.
 fn notify_ready(pid: u32) {
+    notify(&format!("READY=1\nMAINPID={pid}"));
+}
+
+/// Sends one datagram to `NOTIFY_SOCKET`, if set.
+fn notify(message: &str) {
     let Some(target) = env::var_os("NOTIFY_SOCKET").filter(|t| !t.is_empty()) else {
         return;
     };
-    let message = format!("READY=1\nMAINPID={pid}");
     let sent =
         UnixDatagram::unbound().and_then(|socket| match target.as_bytes().strip_prefix(b"@") {
             Some(name) => {
@@ -509,7 +548,7 @@ fn notify_ready(pid: u32) {
         });
     if let Err(e) = sent {
         note!(
-            "warning: sending READY=1 to NOTIFY_SOCKET={}: {e}",
+            "warning: sending {message:?} to NOTIFY_SOCKET={}: {e}",
             target.to_string_lossy()
         );
     }

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod contract;
+mod faults;
 mod gunicorn;
 mod harness;
 mod load;
