@@ -555,19 +555,13 @@ impl Runtime {
                         .generation(probe.generation)
                         .map(|g| g.pid)
                         .unwrap_or(0);
-                    match std::process::Command::new(&argv[0])
-                        .args(&argv[1..])
-                        .env("GRACE_GENERATION", probe.generation.to_string())
-                        .env("GRACE_PID", pid.to_string())
-                        .stdin(std::process::Stdio::null())
-                        .spawn()
-                    {
-                        // Reaped by `reap` like every other child; the handle is only dropped.
-                        Ok(child) => {
-                            probe.exec_pid = Some(child.id() as i32);
+                    match spawn_check(argv, probe.generation, pid) {
+                        // Reaped by `reap` like every other child.
+                        Ok(check) => {
+                            probe.exec_pid = Some(check);
                             continue;
                         }
-                        Err(e) => Err(format!("running ready check {:?}: {e}", argv[0])),
+                        Err(e) => Err(e),
                     }
                 }
                 _ => continue,
@@ -845,6 +839,39 @@ impl Runtime {
             }
         }
     }
+}
+
+/// Starts an `exec:` ready check, through the same fork/exec as a generation (so it gets a clean
+/// signal state, not grace's blocked mask), with no sockets.
+fn spawn_check(argv: &[String], generation: GenId, pid: i32) -> Result<i32, String> {
+    let program = which::which(&argv[0])
+        .map_err(|_| format!("ready check {:?} not found in PATH", argv[0]))?;
+    let mut env = base_env();
+    env.extend(env_entry(
+        OsStr::new("GRACE_GENERATION"),
+        OsStr::new(&generation.to_string()),
+    ));
+    env.extend(env_entry(
+        OsStr::new("GRACE_PID"),
+        OsStr::new(&pid.to_string()),
+    ));
+    let argv: Vec<CString> = argv
+        .iter()
+        .filter_map(|a| CString::new(a.as_bytes()).ok())
+        .collect();
+    let program_c = CString::new(program.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    let mut plan = ExecPlan::new(program_c, argv, env, false, Vec::new());
+    sys::spawn(&mut plan)
+        .map(|p| p.as_raw())
+        .map_err(|e| format!("running ready check {}: {}", program.display(), e.desc()))
+}
+
+/// grace's own environment minus what grace sets or keeps for itself.
+fn base_env() -> Vec<CString> {
+    std::env::vars_os()
+        .filter(|(k, _)| !RESERVED_ENV.iter().any(|r| OsStr::new(r) == k))
+        .filter_map(|(k, v)| env_entry(&k, &v))
+        .collect()
 }
 
 /// Sends `states` to systemd when grace runs under it (`NOTIFY_SOCKET` in grace's own environment);

@@ -172,3 +172,20 @@ fn a_restart_storm_ends_with_one_generation_and_no_leaks() {
         "grace's fds are the same as before the storm"
     );
 }
+
+#[test]
+fn a_failing_exec_check_is_rolled_back_with_its_status() {
+    let dir = temp_dir("exec-check");
+    let flag = dir.join("broken");
+    let check = format!("exec:test ! -e {}", flag.display());
+    let (grace, _behavior) = start(&["--ready", &check, "--ready-timeout", "1s"]);
+    let old = served_by(&http_get(grace.addr(), "/").unwrap().1);
+    std::fs::write(&flag, "").unwrap();
+    grace.signal("USR2");
+    let line = grace.wait_line("restart failed", T);
+    assert!(line.contains("ready check exited with status 1"), "{line}");
+    assert_eq!(served_by(&http_get(grace.addr(), "/").unwrap().1), old);
+    std::fs::remove_file(&flag).unwrap();
+    grace.signal("USR2");
+    grace.wait_line_count(") is serving", 2, T);
+}
