@@ -189,3 +189,28 @@ fn a_failing_exec_check_is_rolled_back_with_its_status() {
     grace.signal("USR2");
     grace.wait_line_count(") is serving", 2, T);
 }
+
+#[test]
+fn draining_generations_are_capped_oldest_killed_first() {
+    let (grace, behavior) = start(&["--max-draining", "1", "--drain-timeout", "60s"]);
+    let addr = grace.addr();
+    std::fs::write(&behavior, "ignore-term").unwrap();
+    let mut stubborn = Vec::new();
+    for n in 2..=3 {
+        grace.signal("USR2");
+        grace.wait_line_count(") is serving", n, T);
+        stubborn.push(served_by(&http_get(addr, "/").unwrap().1));
+    }
+    // Generation 2 drains (forever, it ignores SIGTERM); generation 3 joins it: one too many.
+    std::fs::write(&behavior, "").unwrap();
+    grace.signal("USR2");
+    grace.wait_line_count(") is serving", 4, T);
+    grace.wait_line("too many generations draining: killing generation 2", T);
+    wait_for("generation 2 to be killed", T, || {
+        (!alive(stubborn[0])).then_some(())
+    });
+    assert!(
+        alive(stubborn[1]),
+        "generation 3 is still draining, within its timeout"
+    );
+}
