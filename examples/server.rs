@@ -26,8 +26,8 @@
 //! Behaviour words (from `--behavior` and from `--behavior-file`, read once at start-up so that
 //! successive generations of one command line can behave differently): `exit-immediately`,
 //! `never-ready`, `ignore-term`, `crash-after-ready`, `unhealthy` (`/health` answers 503),
-//! `close-sockets` (closes every passed socket, then claims to be ready), `daemonize` (forks, and
-//! the parent exits 0 while the child keeps serving), `flood-notify=N` (N junk notify messages
+//! `close-sockets` (closes every passed socket, then claims to be ready), `daemonize` (forks, the
+//! parent exits 0, and the child serves from 300ms later), `flood-notify=N` (N junk notify messages
 //! before READY=1), `slow-start=DUR`, `exit-code=N`.
 
 use std::env;
@@ -147,7 +147,12 @@ fn run() -> Result<u8, Fatal> {
                 note!("daemonize: child {child} keeps serving, parent exits 0");
                 return Ok(0);
             }
-            Ok(nix::unistd::ForkResult::Child) => std::process::id(),
+            Ok(nix::unistd::ForkResult::Child) => {
+                // Like a classic daemon, the child initialises after its parent is gone (and so
+                // the order grace sees is deterministic: the leader's exit, then anything else).
+                thread::sleep(Duration::from_millis(300));
+                std::process::id()
+            }
             Err(e) => return Err(Fatal::runtime(format!("daemonize: fork: {e}"))),
         }
     } else {

@@ -22,15 +22,6 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn serving_pids(grace: &Grace) -> Vec<i32> {
-    grace
-        .output()
-        .lines()
-        .filter(|l| l.contains(") is serving"))
-        .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
-        .collect()
-}
-
 fn restarts_under_load(extra: &[&str]) {
     let fixtures = fixtures();
     let mut args = vec!["run", "--listen", "127.0.0.1:0"];
@@ -68,7 +59,7 @@ fn restarts_under_load(extra: &[&str]) {
         &tally.errors[..tally.errors.len().min(10)],
         grace.describe()
     );
-    let masters = serving_pids(&grace);
+    let masters = grace.serving_pids();
     assert_eq!(masters.len(), 4);
     // The old arbiters drained and were reaped; the last one's workers answer.
     let last = *masters.last().unwrap();

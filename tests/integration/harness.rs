@@ -137,6 +137,15 @@ impl Grace {
         }
     }
 
+    /// The pids of the generations grace reported as serving, in order.
+    pub fn serving_pids(&self) -> Vec<i32> {
+        self.output()
+            .lines()
+            .filter(|l| l.contains(") is serving"))
+            .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
+            .collect()
+    }
+
     pub fn count_lines(&self, needle: &str) -> usize {
         self.lines
             .lock()
@@ -287,6 +296,20 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
         .ok_or_else(|| format!("bad reply {buf:?}"))?;
     let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
     Ok((status, body))
+}
+
+/// Polls until a request is answered by a process other than `old`, and returns its pid. Right
+/// after a handover the old generation may still accept a few connections before it has closed
+/// its copy of the socket, so one request is not enough to tell.
+pub fn served_by_other(addr: SocketAddr, old: i32) -> i32 {
+    wait_for(
+        &format!("a process other than {old} to answer"),
+        Duration::from_secs(10),
+        || {
+            let pid = served_by(&http_get(addr, "/").ok()?.1);
+            (pid != old && pid != 0).then_some(pid)
+        },
+    )
 }
 
 /// The pid from the example server's reply `hello from pid=N generation=G`.

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{Grace, example, grace_bin, http_get, served_by, temp_dir, wait_for};
+use crate::harness::{
+    Grace, example, grace_bin, http_get, served_by, served_by_other, temp_dir, wait_for,
+};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -77,8 +79,9 @@ fn restart_waits_for_the_outcome_across_the_reexec() {
     let old = served_by(&http_get(r.grace.addr(), "/").unwrap().1);
     let (code, out, err) = text(&grace_cmd(&["restart", "--control", &r.control]));
     assert_eq!(code, Some(0), "{out}{err}");
-    let new = served_by(&http_get(r.grace.addr(), "/").unwrap().1);
+    let new = r.grace.serving_pids()[1];
     assert_ne!(new, old);
+    served_by_other(r.grace.addr(), old);
     assert_eq!(
         out.trim(),
         format!("restarted: generation 2 (pid {new}) is serving")
@@ -523,7 +526,7 @@ fn deploy_script_fails_the_deploy_when_grace_rolls_back() {
     let (code, out, err) = run(&example("server"));
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("is serving"), "{out}");
-    assert_ne!(served_by(&http_get(addr, "/").unwrap().1), before);
+    served_by_other(addr, before);
 }
 
 #[test]

@@ -2,20 +2,12 @@
 
 use std::time::Duration;
 
-use crate::harness::{Grace, alive, example, http_get, served_by, wait_for};
+use crate::harness::{Grace, alive, example, http_get, served_by, served_by_other, wait_for};
 use crate::load::Load;
 
 const T: Duration = Duration::from_secs(20);
 
 /// The pids of the generations that grace reported as serving, in order.
-fn serving_pids(grace: &Grace) -> Vec<i32> {
-    grace
-        .output()
-        .lines()
-        .filter(|l| l.contains(") is serving"))
-        .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
-        .collect()
-}
 
 #[test]
 fn five_restarts_under_load_lose_no_request() {
@@ -45,7 +37,7 @@ fn five_restarts_under_load_lose_no_request() {
         grace.describe()
     );
 
-    let pids = serving_pids(&grace);
+    let pids = grace.serving_pids();
     assert_eq!(pids.len(), 6, "{}", grace.describe());
     let mut distinct = pids.clone();
     distinct.sort();
@@ -93,8 +85,8 @@ fn a_slow_request_finishes_on_the_old_generation() {
     std::thread::sleep(Duration::from_millis(300));
     grace.signal("USR2");
     grace.wait_line_count(") is serving", 2, T);
-    let new = served_by(&http_get(addr, "/").unwrap().1);
-    assert_ne!(new, old, "new requests go to the new generation");
+    // New requests go to the new generation.
+    served_by_other(addr, old);
     let (status, body) = slow.join().unwrap().unwrap();
     assert_eq!(status, 200);
     assert_eq!(

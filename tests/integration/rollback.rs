@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use crate::harness::{
-    Grace, alive, descendants, example, http_get, proc_state, served_by, temp_dir, wait_for,
+    Grace, alive, descendants, example, http_get, proc_state, served_by, served_by_other, temp_dir,
+    wait_for,
 };
 use crate::load::Load;
 
@@ -56,7 +57,7 @@ fn assert_rolls_back(extra: &[&str], behavior_words: &str, reason: &str) {
     std::fs::write(&behavior, "").unwrap();
     grace.signal("USR2");
     grace.wait_line_count(") is serving", 2, T);
-    assert_ne!(served_by(&http_get(addr, "/").unwrap().1), old);
+    served_by_other(addr, old);
 }
 
 #[test]
@@ -90,19 +91,18 @@ fn http_and_exec_checks_gate_the_handover() {
         let old = served_by(&http_get(addr, "/").unwrap().1);
         grace.signal("USR2");
         grace.wait_line_count(") is serving", 2, T);
-        assert_ne!(served_by(&http_get(addr, "/").unwrap().1), old, "{ready}");
+        served_by_other(addr, old);
     }
 }
 
 #[test]
 fn an_old_generation_that_ignores_the_stop_signal_is_killed_after_the_drain_timeout() {
     let (grace, behavior) = start(&["--drain-timeout", "1s"]);
-    let addr = grace.addr();
     std::fs::write(&behavior, "ignore-term").unwrap();
     // Generation 2 ignores SIGTERM; generation 3 replaces it.
     grace.signal("USR2");
     grace.wait_line_count(") is serving", 2, T);
-    let stubborn = served_by(&http_get(addr, "/").unwrap().1);
+    let stubborn = grace.serving_pids()[1];
     std::fs::write(&behavior, "").unwrap();
     grace.signal("USR2");
     grace.wait_line_count(") is serving", 3, T);
@@ -188,18 +188,18 @@ fn a_failing_exec_check_is_rolled_back_with_its_status() {
     std::fs::remove_file(&flag).unwrap();
     grace.signal("USR2");
     grace.wait_line_count(") is serving", 2, T);
+    served_by_other(grace.addr(), old);
 }
 
 #[test]
 fn draining_generations_are_capped_oldest_killed_first() {
     let (grace, behavior) = start(&["--max-draining", "1", "--drain-timeout", "60s"]);
-    let addr = grace.addr();
     std::fs::write(&behavior, "ignore-term").unwrap();
     let mut stubborn = Vec::new();
     for n in 2..=3 {
         grace.signal("USR2");
         grace.wait_line_count(") is serving", n, T);
-        stubborn.push(served_by(&http_get(addr, "/").unwrap().1));
+        stubborn.push(grace.serving_pids()[n - 1]);
     }
     // Generation 2 drains (forever, it ignores SIGTERM); generation 3 joins it: one too many.
     std::fs::write(&behavior, "").unwrap();
