@@ -30,7 +30,6 @@ Register-ArgumentCompleter -Native -CommandName 'grace' -ScriptBlock {
             [CompletionResult]::new('status', 'status', [CompletionResultType]::ParameterValue, 'Show the running grace''s generations, PIDs, states, listen addresses and last restart')
             [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Stop the running grace gracefully and wait until it has exited')
             [CompletionResult]::new('completions', 'completions', [CompletionResultType]::ParameterValue, 'Print a shell completion script (bash, zsh, fish, elvish, powershell) or the man page (man)')
-            [CompletionResult]::new('__handoff-versions', '__handoff-versions', [CompletionResultType]::ParameterValue, 'Print the handoff record versions this binary can adopt (asked by the running grace before it re-executes an upgraded binary)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
@@ -84,18 +83,12 @@ Register-ArgumentCompleter -Native -CommandName 'grace' -ScriptBlock {
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             break
         }
-        'grace;__handoff-versions' {
-            [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help')
-            [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help')
-            break
-        }
         'grace;help' {
             [CompletionResult]::new('run', 'run', [CompletionResultType]::ParameterValue, 'Bind the sockets and run COMMAND on them, restarting it in place on SIGUSR2')
             [CompletionResult]::new('restart', 'restart', [CompletionResultType]::ParameterValue, 'Restart the running grace and wait for the outcome: exit 0 once the new generation serves, 1 with the reason when it was rolled back')
             [CompletionResult]::new('status', 'status', [CompletionResultType]::ParameterValue, 'Show the running grace''s generations, PIDs, states, listen addresses and last restart')
             [CompletionResult]::new('stop', 'stop', [CompletionResultType]::ParameterValue, 'Stop the running grace gracefully and wait until it has exited')
             [CompletionResult]::new('completions', 'completions', [CompletionResultType]::ParameterValue, 'Print a shell completion script (bash, zsh, fish, elvish, powershell) or the man page (man)')
-            [CompletionResult]::new('__handoff-versions', '__handoff-versions', [CompletionResultType]::ParameterValue, 'Print the handoff record versions this binary can adopt (asked by the running grace before it re-executes an upgraded binary)')
             [CompletionResult]::new('help', 'help', [CompletionResultType]::ParameterValue, 'Print this message or the help of the given subcommand(s)')
             break
         }
@@ -112,9 +105,6 @@ Register-ArgumentCompleter -Native -CommandName 'grace' -ScriptBlock {
             break
         }
         'grace;help;completions' {
-            break
-        }
-        'grace;help;__handoff-versions' {
             break
         }
         'grace;help;help' {

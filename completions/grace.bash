@@ -16,9 +16,6 @@ _grace() {
             ",$1")
                 cmd="grace"
                 ;;
-            grace,__handoff-versions)
-                cmd="grace__subcmd____handoff__subcmd__versions"
-                ;;
             grace,completions)
                 cmd="grace__subcmd__completions"
                 ;;
@@ -36,9 +33,6 @@ _grace() {
                 ;;
             grace,stop)
                 cmd="grace__subcmd__stop"
-                ;;
-            grace__subcmd__help,__handoff-versions)
-                cmd="grace__subcmd__help__subcmd____handoff__subcmd__versions"
                 ;;
             grace__subcmd__help,completions)
                 cmd="grace__subcmd__help__subcmd__completions"
@@ -65,22 +59,8 @@ _grace() {
 
     case "${cmd}" in
         grace)
-            opts="-h -V --help --version run restart status stop completions __handoff-versions help"
+            opts="-h -V --help --version run restart status stop completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
-                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-                return 0
-            fi
-            case "${prev}" in
-                *)
-                    COMPREPLY=()
-                    ;;
-            esac
-            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-            return 0
-            ;;
-        grace__subcmd____handoff__subcmd__versions)
-            opts="-h --help"
-            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
@@ -107,22 +87,8 @@ _grace() {
             return 0
             ;;
         grace__subcmd__help)
-            opts="run restart status stop completions __handoff-versions help"
+            opts="run restart status stop completions help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
-                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-                return 0
-            fi
-            case "${prev}" in
-                *)
-                    COMPREPLY=()
-                    ;;
-            esac
-            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-            return 0
-            ;;
-        grace__subcmd__help__subcmd____handoff__subcmd__versions)
-            opts=""
-            if [[ ${cur} == -* || ${COMP_CWORD} -eq 3 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi

@@ -27,7 +27,6 @@ set edit:completion:arg-completer[grace] = {|@words|
             cand status 'Show the running grace''s generations, PIDs, states, listen addresses and last restart'
             cand stop 'Stop the running grace gracefully and wait until it has exited'
             cand completions 'Print a shell completion script (bash, zsh, fish, elvish, powershell) or the man page (man)'
-            cand __handoff-versions 'Print the handoff record versions this binary can adopt (asked by the running grace before it re-executes an upgraded binary)'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'grace;run'= {
@@ -75,17 +74,12 @@ set edit:completion:arg-completer[grace] = {|@words|
             cand -h 'Print help (see more with ''--help'')'
             cand --help 'Print help (see more with ''--help'')'
         }
-        &'grace;__handoff-versions'= {
-            cand -h 'Print help'
-            cand --help 'Print help'
-        }
         &'grace;help'= {
             cand run 'Bind the sockets and run COMMAND on them, restarting it in place on SIGUSR2'
             cand restart 'Restart the running grace and wait for the outcome: exit 0 once the new generation serves, 1 with the reason when it was rolled back'
             cand status 'Show the running grace''s generations, PIDs, states, listen addresses and last restart'
             cand stop 'Stop the running grace gracefully and wait until it has exited'
             cand completions 'Print a shell completion script (bash, zsh, fish, elvish, powershell) or the man page (man)'
-            cand __handoff-versions 'Print the handoff record versions this binary can adopt (asked by the running grace before it re-executes an upgraded binary)'
             cand help 'Print this message or the help of the given subcommand(s)'
         }
         &'grace;help;run'= {
@@ -97,8 +91,6 @@ set edit:completion:arg-completer[grace] = {|@words|
         &'grace;help;stop'= {
         }
         &'grace;help;completions'= {
-        }
-        &'grace;help;__handoff-versions'= {
         }
         &'grace;help;help'= {
         }

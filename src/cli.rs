@@ -45,10 +45,6 @@ pub enum Command {
         #[arg(value_name = "SHELL")]
         shell: CompletionTarget,
     },
-    /// Print the handoff record versions this binary can adopt (asked by the running grace before
-    /// it re-executes an upgraded binary).
-    #[command(name = "__handoff-versions", hide = true)]
-    HandoffVersions,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -107,6 +107,10 @@ pub fn stop(args: &ClientArgs) -> anyhow::Result<i32> {
         }
     }
     println!("stopped");
+    // Keep the connection open until this process exits: grace, as PID 1, waits for it to close
+    // before it exits and takes the whole namespace with it; closing it any earlier would let
+    // that kill this process before it has finished exiting.
+    std::mem::forget(reply);
     Ok(0)
 }
 

@@ -127,16 +127,12 @@ pub fn adopt(fd: OwnedFd, display: String, path: Option<PathBuf>) -> anyhow::Res
     })
 }
 
-/// Accepts one pending client and reads its request. Refuses other users (except root).
-pub fn accept(socket: &ControlSocket) -> Option<(UnixStream, Request)> {
-    let (stream, _) = socket.listener.accept().ok()?;
-    stream.set_nonblocking(false).ok()?;
-    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).ok()?;
-    stream.set_write_timeout(Some(REQUEST_TIMEOUT)).ok()?;
-    // Read the request before answering anything, refusals included: a reply sent before the
-    // client wrote would make its write fail instead of showing it the reason.
-    let mut line = String::new();
-    let _ = BufReader::new((&stream).take(256)).read_line(&mut line);
+/// Accepts one pending client and reads its request: `Ok(None)` for a client that was refused
+/// (another user, or a request that makes no sense), an error when nothing could be accepted
+/// (`WouldBlock` once the queue is empty).
+pub fn accept(socket: &ControlSocket) -> std::io::Result<Option<(UnixStream, Request)>> {
+    let (stream, _) = socket.listener.accept()?;
+    // Credentials first: a stranger must not even get to make grace wait for its request line.
     let me = nix::unistd::getuid().as_raw();
     match getsockopt(&stream, sockopt::PeerCredentials) {
         Ok(cred) if cred.uid() == me || cred.uid() == 0 => {}
@@ -146,25 +142,34 @@ pub fn accept(socket: &ControlSocket) -> Option<(UnixStream, Request)> {
                 cred.uid(),
                 cred.pid()
             );
+            // Let its request arrive first (without waiting for it), so that the refusal
+            // reaches it instead of a failed write.
+            let _ = stream.set_nonblocking(true);
+            let _ = (&stream).read(&mut [0u8; 256]);
             reply(&stream, "failed permission denied");
-            return None;
+            return Ok(None);
         }
         Err(e) => {
             warn!("control: cannot check the client's credentials: {e}");
-            return None;
+            return Ok(None);
         }
     }
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    let mut line = String::new();
+    let _ = BufReader::new((&stream).take(256)).read_line(&mut line);
     match Request::parse(&line) {
         Some(request) => {
             debug!("control: {} request", request.as_str());
-            Some((stream, request))
+            Ok(Some((stream, request)))
         }
         None => {
             reply(
                 &stream,
                 "failed unknown request (expected restart, status or stop)",
             );
-            None
+            Ok(None)
         }
     }
 }
@@ -202,23 +207,41 @@ impl Target {
 /// Sends `request` and returns the stream to read the reply from, with `timeout` for each read.
 pub fn send(target: &Target, request: Request, timeout: Duration) -> anyhow::Result<Client> {
     let mut stream = target.connect()?;
-    stream
-        .write_all(format!("{}\n", request.as_str()).as_bytes())
-        .context("sending the request")?;
-    Ok(Client {
+    let sent = stream.write_all(format!("{}\n", request.as_str()).as_bytes());
+    let mut client = Client {
         reader: BufReader::new(stream),
         deadline: Instant::now() + timeout,
-    })
+        early: None,
+    };
+    if let Err(e) = sent {
+        // grace may have answered (a refusal) and hung up before the request went out: that
+        // answer says more than the failed write.
+        return match client.line() {
+            Ok(Some(line)) => Ok(Client::with_reply(client, line)),
+            _ => Err(e).context("sending the request"),
+        };
+    }
+    Ok(client)
 }
 
 pub struct Client {
     reader: BufReader<UnixStream>,
     deadline: Instant,
+    /// A reply already read.
+    early: Option<String>,
 }
 
 impl Client {
+    fn with_reply(mut client: Client, line: String) -> Client {
+        client.early = Some(line);
+        client
+    }
+
     /// The next reply line, or `None` at end-of-file.
     pub fn line(&mut self) -> anyhow::Result<Option<String>> {
+        if let Some(line) = self.early.take() {
+            return Ok(Some(line));
+        }
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             bail!("no answer in time");
@@ -280,7 +303,7 @@ mod tests {
         });
         let accepted = (0..500).find_map(|_| {
             std::thread::sleep(Duration::from_millis(5));
-            accept(&sockets[0])
+            accept(&sockets[0]).ok().flatten()
         });
         let (stream, request) = accepted.expect("a client");
         assert_eq!(request, Request::Status);

@@ -4,7 +4,8 @@
 //! passed on to a server), as lines of space-separated fields; strings are percent-encoded so that
 //! no field can contain a space or a newline. A new field may be added to a version as long as the
 //! decoder skips unknown keys; anything that changes the meaning of an existing one needs a new
-//! version, and `grace __handoff-versions` lets the old image check the new binary first.
+//! version. Before re-executing, the old image runs the new binary with its own arguments and
+//! `GRACE_HANDOFF_CHECK=1`: the binary parses them, prints the versions it can adopt, and exits.
 
 use std::fmt::Write as _;
 
@@ -14,6 +15,8 @@ pub const VERSION: u32 = 1;
 /// Versions this binary can adopt.
 pub const READABLE: &[u32] = &[1];
 pub const ENV: &str = "GRACE_HANDOFF";
+/// Set for the check run of a new binary (see the module documentation).
+pub const CHECK_ENV: &str = "GRACE_HANDOFF_CHECK";
 
 /// A socket that survives the re-exec, by fd number.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,6 +24,13 @@ use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if std::env::var_os(handoff::CHECK_ENV).is_some() {
+        // A running grace asks whether this binary accepts its command line and can adopt its
+        // handoff record, before re-executing it.
+        let versions: Vec<String> = handoff::READABLE.iter().map(u32::to_string).collect();
+        println!("{}", versions.join(" "));
+        return ExitCode::SUCCESS;
+    }
     init_logging();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
@@ -31,11 +38,6 @@ fn main() -> ExitCode {
         Command::Status(args) => client::status(&args),
         Command::Stop(args) => client::stop(&args),
         Command::Completions { shell } => client::completions(shell),
-        Command::HandoffVersions => {
-            let versions: Vec<String> = handoff::READABLE.iter().map(u32::to_string).collect();
-            println!("{}", versions.join(" "));
-            Ok(0)
-        }
     };
     let code = result.unwrap_or_else(|err| {
         eprintln!("grace: {err:#}");

@@ -1,7 +1,8 @@
 //! When a new generation counts as ready, and the probes that find out.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -72,11 +73,29 @@ impl FromStr for ReadyMode {
     }
 }
 
-/// One `tcp` probe: the generation's private socket accepts a connection.
-pub fn probe_tcp(addr: SocketAddr) -> Result<(), String> {
-    TcpStream::connect_timeout(&addr, PROBE_IO_TIMEOUT)
-        .map(drop)
-        .map_err(|e| format!("connecting to {addr}: {e}"))
+/// One `tcp` probe: the generation accepts a connection on its private socket. Connecting alone
+/// proves nothing: grace's own copy of the socket is listening, so the kernel completes the
+/// handshake whether or not the server ever accepts. What counts is the connection leaving the
+/// accept queue.
+pub fn probe_tcp(addr: SocketAddr, listener: &TcpListener) -> Result<(), String> {
+    let _conn = TcpStream::connect_timeout(&addr, PROBE_IO_TIMEOUT)
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let deadline = std::time::Instant::now() + PROBE_IO_TIMEOUT;
+    loop {
+        match crate::sys::accept_queue_len(listener.as_fd()) {
+            Ok(0) => return Ok(()),
+            Ok(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "connection to {addr} not accepted within {}",
+                    crate::duration::format_duration(PROBE_IO_TIMEOUT)
+                ));
+            }
+            Err(e) => return Err(format!("reading the accept queue of {addr}: {e}")),
+        }
+    }
 }
 
 /// One `http` probe: `GET path` on the private socket answers with a 2xx status.
@@ -196,11 +215,28 @@ mod tests {
     }
 
     #[test]
+    fn tcp_probe_needs_the_connection_accepted() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Listening but nobody accepts: the handshake completes, the probe must still fail.
+        let err = probe_tcp(addr, &listener).unwrap_err();
+        assert!(err.contains("not accepted"), "{err}");
+        let accepter = listener.try_clone().unwrap();
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let _ = accepter.accept();
+            }
+        });
+        assert_eq!(probe_tcp(addr, &listener), Ok(()));
+        drop(server);
+    }
+
+    #[test]
     fn tcp_probe_fails_on_a_closed_port() {
-        let addr = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        assert!(probe_tcp(addr).is_err());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(probe_tcp(addr, &other).is_err());
     }
 }

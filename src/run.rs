@@ -28,7 +28,7 @@ use crate::readiness::{self, AUTO_DELAY, PROBE_INTERVAL, ReadyMode};
 use crate::signals::{SignalEvent, Signals, classify};
 use crate::status;
 use crate::supervisor::{
-    Action, AliveRule, Cause, Event, GenId, Millis, Outcome, Phase, Policy, Supervisor,
+    Action, AliveRule, Cause, Event, GenId, GenState, Millis, Outcome, Phase, Policy, Supervisor,
 };
 use crate::sys::{self, ExecPlan};
 
@@ -84,7 +84,14 @@ pub struct Runtime {
     status_written: String,
     /// Whether STOPPING=1 went to systemd already.
     told_stopping: bool,
+    /// A re-exec was decided; it happens once the events of this wake-up are handled.
+    reexec_due: bool,
+    /// The control sockets are not polled before this (after an accept error).
+    control_paused_until: Millis,
 }
+
+/// How long the control sockets rest after an accept error (e.g. out of fds).
+const CONTROL_PAUSE: Millis = 100;
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     // Block signals first: from here on, nothing that arrives is lost or fatal.
@@ -102,7 +109,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                 .map_err(anyhow::Error::msg)
                 .context("adopting the previous image's state")?;
             record.restore(&mut sup);
-            let (listeners, notify, control, waiting) = adopt(&record)?;
+            let (listeners, notify, control, waiting) = adopt(&record).inspect_err(|_| {
+                // Exiting now would leave the generations running on their own, holding the
+                // sockets with nobody to stop them: take them down with us.
+                for g in &record.gens {
+                    let _ = killpg(Pid::from_raw(g.pid), Signal::SIGKILL);
+                }
+            })?;
             info!("re-executed; continuing the restart");
             (
                 listeners,
@@ -131,7 +144,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let grace_exe = grace_exe();
     if let Some(path) = &args.pid_file {
-        write_pid_file(path)?;
+        match write_pid_file(path) {
+            Err(e) if first_is_adopted(&first) => warn!("{e:#}"),
+            result => result?,
+        }
     }
     let mut rt = Runtime {
         args,
@@ -147,11 +163,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         restarts,
         status_written: String::new(),
         told_stopping: false,
+        reexec_due: false,
+        control_paused_until: 0,
     };
     let code = rt.event_loop(first);
     rt.cleanup();
     rt.farewell();
     Ok(code)
+}
+
+fn first_is_adopted(first: &Event) -> bool {
+    matches!(first, Event::Adopted)
 }
 
 fn policy_of(args: &RunArgs) -> Policy {
@@ -278,7 +300,14 @@ fn write_pid_file(path: &Path) -> anyhow::Result<()> {
 
 impl Runtime {
     fn event_loop(&mut self, first: Event) -> i32 {
-        let mut events = VecDeque::from([first]);
+        let mut events = VecDeque::new();
+        if first_is_adopted(&first) {
+            // What arrived during the re-exec comes first: a pending SIGTERM cancels the restart,
+            // a pending SIGUSR2 is merged into one more, and exits that happened meanwhile are
+            // seen before anything is decided.
+            self.gather(&mut events);
+        }
+        events.push_back(first);
         loop {
             while let Some(event) = events.pop_front() {
                 let actions = self.sup.step(now(), event);
@@ -289,7 +318,17 @@ impl Runtime {
                         return code;
                     }
                 }
+                // Re-exec only with nothing left to handle: the new image gets the state after
+                // every event of this wake-up, and a stop handled meanwhile cancels it.
+                if events.is_empty() && self.reexec_due {
+                    self.reexec_due = false;
+                    if self.sup.phase == Phase::ReExec {
+                        let reason = self.reexec();
+                        events.push_back(Event::ReExecFailed(reason));
+                    }
+                }
             }
+            self.prune_probes();
             self.publish_status();
             if matches!(self.sup.phase, Phase::Stopping { .. }) && !self.told_stopping {
                 self.told_stopping = true;
@@ -313,15 +352,22 @@ impl Runtime {
                     .filter(|p| p.exec_pid.is_none() && self.probing())
                     .map(|p| p.next_at),
             )
+            .chain((self.control_paused_until > now()).then_some(self.control_paused_until))
             .min();
         let timeout = match deadline {
             None => PollTimeout::NONE,
             Some(t) => PollTimeout::try_from(t.saturating_sub(now()).min(i32::MAX as u64))
                 .unwrap_or(PollTimeout::MAX),
         };
+        let control_on = now() >= self.control_paused_until;
         let mut fds: Vec<PollFd> = [self.signals.as_fd(), self.notify.as_fd()]
             .into_iter()
-            .chain(self.control.iter().map(|c| c.as_fd()))
+            .chain(
+                self.control
+                    .iter()
+                    .filter(|_| control_on)
+                    .map(|c| c.as_fd()),
+            )
             .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
             .collect();
         match poll(&mut fds, timeout) {
@@ -335,6 +381,12 @@ impl Runtime {
                 self.serve_control(i, events);
             }
         }
+        self.gather(events);
+    }
+
+    /// Turns everything that is waiting (signals, exited children, notify messages, probe
+    /// results) into events, without blocking.
+    fn gather(&mut self, events: &mut VecDeque<Event>) {
         for signal in self.signals.drain() {
             match classify(signal) {
                 Some(SignalEvent::Restart) => {
@@ -359,7 +411,19 @@ impl Runtime {
 
     /// Takes every pending request on control socket `i`.
     fn serve_control(&mut self, i: usize, events: &mut VecDeque<Event>) {
-        while let Some((stream, request)) = control::accept(&self.control[i]) {
+        loop {
+            let (stream, request) = match control::accept(&self.control[i]) {
+                Ok(Some(client)) => client,
+                Ok(None) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // EMFILE and the like: the socket stays readable, so polling it again at
+                    // once would spin. Leave the clients in the queue for a moment.
+                    warn!("control: accept: {e}");
+                    self.control_paused_until = now() + CONTROL_PAUSE;
+                    break;
+                }
+            };
             match request {
                 Request::Status => control::reply(&stream, &self.status_json()),
                 Request::StatusText => control::reply(&stream, &self.status_text()),
@@ -408,6 +472,21 @@ impl Runtime {
                 !hung_up[i - 1]
             });
         }
+    }
+
+    /// Drops the probes of generations that are no longer starting (ready, rolled back, stopped),
+    /// with their sockets, and kills a check still running for one.
+    fn prune_probes(&mut self) {
+        let sup = &self.sup;
+        self.probes.retain(|p| {
+            let starting = sup
+                .generation(p.generation)
+                .is_some_and(|g| matches!(g.state, GenState::Starting { .. }));
+            if !starting && let Some(pid) = p.exec_pid {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            starting
+        });
     }
 
     /// Answers the `grace restart` clients whose restart has ended.
@@ -477,6 +556,7 @@ impl Runtime {
     }
 
     fn reap(&mut self, events: &mut VecDeque<Event>) {
+        let mut leaders = Vec::new();
         loop {
             let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
@@ -489,6 +569,8 @@ impl Runtime {
             if let Some(probe) = self.probes.iter_mut().find(|p| p.exec_pid == Some(pid)) {
                 probe.exec_pid = None;
                 if code == 0 {
+                    // Passed: no further check for this generation.
+                    probe.next_at = Millis::MAX;
                     events.push_back(Event::Ready {
                         generation: probe.generation,
                     });
@@ -499,19 +581,23 @@ impl Runtime {
                 continue;
             }
             if self.sup.gens.iter().any(|g| g.pid == pid) {
-                let group_empty = killpg(Pid::from_raw(pid), None) == Err(Errno::ESRCH);
-                events.push_back(Event::Exited {
-                    pid,
-                    code,
-                    group_empty,
-                });
+                leaders.push((pid, code));
             } else {
                 debug!("reaped pid {pid} (status {code})");
             }
         }
+        // Whether a group is empty is only known once its reparented workers, which the kernel
+        // may report after their leader, have been reaped too: hence after the loop.
+        let group_empty = |pgid: i32| killpg(Pid::from_raw(pgid), None) == Err(Errno::ESRCH);
+        for (pid, code) in leaders {
+            events.push_back(Event::Exited {
+                pid,
+                code,
+                group_empty: group_empty(pid),
+            });
+        }
         for g in &self.sup.gens {
-            if g.leader_status.is_some() && killpg(Pid::from_raw(g.pid), None) == Err(Errno::ESRCH)
-            {
+            if g.leader_status.is_some() && group_empty(g.pid) {
                 events.push_back(Event::GroupGone { generation: g.id });
             }
         }
@@ -528,11 +614,14 @@ impl Runtime {
                 continue;
             };
             debug!("notify: {:?}", msg.text);
+            if !msg.has("READY=1") {
+                continue;
+            }
+            // From now on `auto` waits for READY=1 from every generation.
             self.sup.seen_notify = true;
             // With a probe mode the probe decides: a server may announce READY=1 before it can
             // actually answer what the probe asks.
-            let counts = matches!(self.args.ready, ReadyMode::Auto | ReadyMode::Notify);
-            if counts && msg.has("READY=1") {
+            if matches!(self.args.ready, ReadyMode::Auto | ReadyMode::Notify) {
                 events.push_back(Event::Ready { generation });
             }
         }
@@ -547,7 +636,7 @@ impl Runtime {
             }
             probe.next_at = t + PROBE_INTERVAL.as_millis() as Millis;
             let result = match (&mode, &probe.socket) {
-                (ReadyMode::Tcp, Some((_, addr))) => readiness::probe_tcp(*addr),
+                (ReadyMode::Tcp, Some((listener, addr))) => readiness::probe_tcp(*addr, listener),
                 (ReadyMode::Http(path), Some((_, addr))) => readiness::probe_http(*addr, path),
                 (ReadyMode::Exec(argv), _) => {
                     let pid = self
@@ -584,18 +673,7 @@ impl Runtime {
                 extend_systemd_timeout(self.args.ready_timeout);
                 events.push_back(self.spawn(generation));
             }
-            Action::ReExec => {
-                self.restarts += 1;
-                if let Ok(usec) = sd_notify::NotifyState::monotonic_usec_now() {
-                    tell_systemd(&[
-                        sd_notify::NotifyState::Reloading,
-                        usec,
-                        sd_notify::NotifyState::Status("restarting"),
-                    ]);
-                }
-                let reason = self.reexec();
-                events.push_back(Event::ReExecFailed(reason));
-            }
+            Action::ReExec => self.reexec_due = true,
             Action::Signal { pid, signal } => {
                 if let Err(e) = kill(Pid::from_raw(pid), signal) {
                     debug!("signalling pid {pid} with {signal}: {e}");
@@ -744,6 +822,14 @@ impl Runtime {
     /// Replaces this process image with the grace binary on disk, handing over the state. Only
     /// returns on failure, with the reason; the sockets and generations are untouched then.
     fn reexec(&mut self) -> String {
+        self.restarts += 1;
+        if let Ok(usec) = sd_notify::NotifyState::monotonic_usec_now() {
+            tell_systemd(&[
+                sd_notify::NotifyState::Reloading,
+                usec,
+                sd_notify::NotifyState::Status("restarting"),
+            ]);
+        }
         if let Err(reason) = check_new_binary(&self.grace_exe) {
             return reason;
         }
@@ -934,28 +1020,60 @@ fn server_starter_port(l: &Listener) -> String {
 }
 
 /// Asks the binary on disk which handoff versions it reads, before betting the process on it.
+/// It runs with this process's own arguments, so a new binary that would not accept them is
+/// refused here too rather than after the `execve`, when the generations would be orphaned. A
+/// binary that hangs is given [`CHECK_TIMEOUT`].
 fn check_new_binary(exe: &Path) -> Result<(), String> {
-    let output = std::process::Command::new(exe)
-        .arg("__handoff-versions")
+    use std::io::Read;
+    let mut child = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(handoff::CHECK_ENV, "1")
+        .env_remove(handoff::ENV)
         .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    let readable = text
+    let deadline = now() + CHECK_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{} did not answer the handoff check",
+                    exe.display()
+                ));
+            }
+        }
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    let _ = child.stdout.take().map(|mut o| o.read_to_string(&mut out));
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    let readable = out
         .split_whitespace()
         .any(|v| v == handoff::VERSION.to_string());
-    if output.status.success() && readable {
-        Ok(())
-    } else {
-        Err(format!(
+    if status.success() && readable {
+        return Ok(());
+    }
+    match err.lines().next() {
+        Some(line) if !status.success() => Err(format!(
+            "{} refuses this command line: {line}",
+            exe.display()
+        )),
+        _ => Err(format!(
             "{} cannot adopt handoff version {} (it reads {:?})",
             exe.display(),
             handoff::VERSION,
-            text.trim()
-        ))
+            out.trim()
+        )),
     }
 }
+
+/// How long the new binary may take to answer the handoff check.
+const CHECK_TIMEOUT: Millis = 5_000;
 
 fn env_entry(key: &OsStr, value: &OsStr) -> Option<CString> {
     let mut bytes = key.as_bytes().to_vec();

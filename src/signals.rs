@@ -8,8 +8,10 @@
 use std::os::fd::{AsFd, BorrowedFd};
 
 use anyhow::Context;
-use nix::sys::signal::{SigHandler, SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+
+use crate::sys;
 
 /// Signals forwarded to the current generation as they are.
 pub const FORWARDED: [Signal; 6] = [
@@ -68,11 +70,11 @@ impl Signals {
         let set = handled();
         // A disposition of SIG_IGN discards a signal even while it is blocked, and a process
         // started in the background by a non-interactive shell inherits SIGINT and SIGQUIT ignored.
-        // SIG_DFL for the handled signals makes them queue for the signalfd instead.
+        // SIG_DFL for those makes them queue for the signalfd instead. Only ignored ones are
+        // touched: setting SIG_DFL on a signal whose default is to ignore it (SIGCHLD, SIGWINCH)
+        // would discard one pending across a re-exec.
         for signal in set.iter() {
-            // SAFETY: SIG_DFL installs no handler, so no code can run asynchronously; the signal is
-            // blocked (below, or already by the previous image) before it could be delivered.
-            unsafe { nix::sys::signal::signal(signal, SigHandler::SigDfl) }
+            sys::unignore(signal)
                 .with_context(|| format!("resetting the disposition of {signal}"))?;
         }
         sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None).context("blocking signals")?;

@@ -234,6 +234,11 @@ impl Supervisor {
                 warn!("restart refused: {reason}");
                 self.phase = Phase::Idle;
                 self.finish(Outcome::Failed { reason }, &mut out);
+                if self.current.is_none() && self.phase == Phase::Idle {
+                    // It was requested during a crash backoff: nothing serves, so go on with
+                    // the crash policy rather than sit idle.
+                    self.crashed(self.exit_code, now, &mut out);
+                }
             }
             Event::Spawned { generation, pid } => {
                 let alive_at = match self.policy.alive {
@@ -426,8 +431,9 @@ impl Supervisor {
                     out,
                 );
                 if self.current.is_none() && self.phase == Phase::Idle {
-                    // Nothing was serving before either (the current one had crashed).
-                    self.crashed(code, now, out);
+                    // Nothing was serving before either: the current one had crashed, and its
+                    // status is the one that counts.
+                    self.crashed(self.exit_code, now, out);
                 }
             }
             Cause::Crash => {
@@ -460,6 +466,7 @@ impl Supervisor {
                     self.exit_code = graceful(code, self.policy.stop_signal);
                 } else {
                     warn!("generation {id} (pid {pid}) exited with status {code}");
+                    self.exit_code = code;
                     // Leftover workers of a dead generation would hold the sockets: kill them.
                     out.push(Action::KillGroup { pgid: pid });
                     if !matches!(self.phase, Phase::Starting { .. } | Phase::ReExec) {
@@ -1035,6 +1042,62 @@ mod tests {
         );
         assert_eq!(s.phase, Phase::Idle);
         assert_eq!(s.current, Some(1));
+    }
+
+    #[test]
+    fn a_reexec_failure_during_a_crash_backoff_keeps_the_crash_policy_going() {
+        let mut s = serving(Policy {
+            on_crash: OnCrash::Restart,
+            ..policy()
+        });
+        s.step(
+            100,
+            Event::Exited {
+                pid: 100,
+                code: 1,
+                group_empty: true,
+            },
+        );
+        assert!(matches!(s.phase, Phase::Backoff { .. }));
+        assert_eq!(s.step(110, Event::RestartRequested), [Action::ReExec]);
+        s.step(110, Event::ReExecFailed("binary missing".into()));
+        let Phase::Backoff { respawn_at } = s.phase else {
+            panic!("left idle with nothing serving: {:?}", s.phase);
+        };
+        let out = s.step(respawn_at, Event::Tick);
+        assert!(matches!(out[..], [Action::Spawn { .. }]), "{out:?}");
+    }
+
+    #[test]
+    fn a_crash_during_a_rolled_back_restart_exits_with_the_crashed_status() {
+        let mut s = serving(policy());
+        restart_to_spawn(&mut s, 100, 200);
+        s.step(
+            110,
+            Event::Exited {
+                pid: 100,
+                code: 7,
+                group_empty: true,
+            },
+        );
+        assert_eq!(s.current, None);
+        let out = s.step(1_100, Event::Tick);
+        assert!(
+            out.contains(&Action::Signal {
+                pid: 200,
+                signal: Signal::SIGTERM
+            }),
+            "{out:?}"
+        );
+        let out = s.step(
+            1_200,
+            Event::Exited {
+                pid: 200,
+                code: 143,
+                group_empty: true,
+            },
+        );
+        assert_eq!(out, [Action::Exit(7)]);
     }
 
     #[test]

@@ -176,6 +176,10 @@ unsafe fn child_exec(
             floor = floor.max(fd + 1);
         }
         let report = libc::fcntl(report, libc::F_DUPFD_CLOEXEC, floor);
+        if report < 0 {
+            // Without the pipe the parent cannot learn why; it sees this status instead.
+            libc::_exit(crate::exit::FAILURE);
+        }
         for (i, &fd) in fds.iter().enumerate() {
             scratch[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
             if scratch[i] < 0 {
@@ -187,7 +191,9 @@ unsafe fn child_exec(
                 fail(report);
             }
         }
-        // Everything else above the sockets closes at exec, whatever grace inherited.
+        // Everything else above the sockets closes at exec, whatever grace inherited. (The
+        // fallback, for kernels without CLOSE_RANGE_CLOEXEC, closes the low range only: every fd
+        // grace itself holds is close-on-exec already.)
         if libc::syscall(
             libc::SYS_close_range,
             target_end as libc::c_uint,
@@ -258,6 +264,38 @@ unsafe fn fail(report: RawFd) -> ! {
         libc::write(report, bytes.as_ptr().cast(), bytes.len());
         libc::_exit(crate::exit::NOT_FOUND)
     }
+}
+
+/// How many connections wait in a listening TCP socket's accept queue (for a listener, the kernel
+/// reports that in `tcpi_unacked`).
+pub fn accept_queue_len(listener: BorrowedFd<'_>) -> Result<u32, Errno> {
+    // SAFETY: tcp_info is plain data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info` and updates `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    Errno::result(rc).map(|_| info.tcpi_unacked)
+}
+
+/// Sets `signal` back to its default action if it is ignored; any other disposition stays.
+pub fn unignore(signal: nix::sys::signal::Signal) -> Result<(), Errno> {
+    // SAFETY: a zeroed sigaction is a valid out-parameter; a null `act` only reads.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: reading the disposition writes `current` and nothing else.
+    Errno::result(unsafe { libc::sigaction(signal as i32, std::ptr::null(), &mut current) })?;
+    if current.sa_sigaction == libc::SIG_IGN {
+        // SAFETY: SIG_DFL installs no handler, so no code of ours can run asynchronously.
+        Errno::result(unsafe { libc::signal(signal as i32, libc::SIG_DFL) })?;
+    }
+    Ok(())
 }
 
 /// Makes grace the reaper of its descendants' orphans (PID 1 is one already).

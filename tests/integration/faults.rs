@@ -374,3 +374,129 @@ fn unix_socket_directory_removed_underneath() {
     grace.signal("TERM");
     assert_eq!(grace.wait_exit(T).code(), Some(0), "{}", grace.describe());
 }
+
+fn signal_pid(pid: i32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+}
+
+#[test]
+fn sigterm_right_behind_sigusr2_is_not_lost_in_the_reexec() {
+    use nix::sys::signal::Signal::*;
+    let mut s = start(&[]);
+    // Both land in one wake-up of grace: the stop must win over the restart it follows.
+    signal_pid(s.grace.pid(), SIGSTOP);
+    signal_pid(s.grace.pid(), SIGUSR2);
+    signal_pid(s.grace.pid(), SIGTERM);
+    signal_pid(s.grace.pid(), SIGCONT);
+    assert_eq!(
+        s.grace.wait_exit(T).code(),
+        Some(0),
+        "{}",
+        s.grace.describe()
+    );
+}
+
+#[test]
+fn a_crash_seen_in_the_same_wakeup_as_a_restart_is_not_lost() {
+    use nix::sys::signal::Signal::*;
+    let s = start(&[]);
+    let server = s.grace.serving_pids()[0];
+    signal_pid(s.grace.pid(), SIGSTOP);
+    signal_pid(server, SIGKILL);
+    wait_for("the server to die", T, || {
+        (proc_state(server) == Some('Z')).then_some(())
+    });
+    signal_pid(s.grace.pid(), SIGUSR2);
+    signal_pid(s.grace.pid(), SIGCONT);
+    // The exit is handled before the re-exec (not forgotten by it); it happened during a
+    // restart, so the restart goes on and its generation takes over.
+    s.grace
+        .wait_line(&format!("(pid {server}) exited with status 137"), T);
+    s.grace.wait_line_count(") is serving", 2, T);
+    let new = settled(&s);
+    assert_ne!(new, server);
+    let control = s.dir.join("ctl");
+    let out = Command::new(grace_bin())
+        .args(["status", "--json", "--control", control.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["current"]["pid"], new);
+    assert_eq!(
+        status["generations"].as_array().unwrap().len(),
+        1,
+        "{status}"
+    );
+}
+
+#[test]
+fn stopping_a_server_whose_workers_outlive_it_still_exits() {
+    // The shell ignores SIGTERM and waits on a child: at the drain timeout the whole group is
+    // killed, and the leader and its reparented worker are reaped in one go.
+    let mut grace = Grace::start(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:100ms",
+        "--drain-timeout",
+        "1s",
+        "--",
+        "/bin/sh",
+        "-c",
+        "trap '' TERM; sleep 1000; :",
+    ]);
+    grace.wait_line(") is serving", T);
+    grace.signal("TERM");
+    assert_eq!(grace.wait_exit(T).code(), Some(137), "{}", grace.describe());
+}
+
+#[test]
+fn tcp_readiness_needs_a_server_that_accepts() {
+    let mut grace = Grace::start(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--ready",
+        "tcp",
+        "--ready-timeout",
+        "1s",
+        "--",
+        "/bin/sleep",
+        "1000",
+    ]);
+    assert_eq!(grace.wait_exit(T).code(), Some(1), "{}", grace.describe());
+    assert!(
+        grace.output().contains("was not ready within 1s"),
+        "{}",
+        grace.describe()
+    );
+}
+
+#[test]
+fn a_pid_file_that_cannot_be_rewritten_does_not_abort_a_restart() {
+    let dir = temp_dir("pidfile");
+    let piddir = dir.join("run");
+    std::fs::create_dir(&piddir).unwrap();
+    let pid_file = piddir.join("grace.pid");
+    let server = example("server");
+    let grace = Grace::start(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--",
+        server.to_str().unwrap(),
+    ]);
+    grace.wait_line(") is serving", T);
+    std::fs::remove_dir_all(&piddir).unwrap();
+    grace.signal("USR2");
+    grace.wait_line_count(") is serving", 2, T);
+    assert!(
+        grace.output().contains("writing pid file"),
+        "{}",
+        grace.describe()
+    );
+    assert!(alive(grace.pid()));
+}

@@ -90,3 +90,29 @@ fn a_deleted_or_broken_binary_is_refused_and_the_old_generation_keeps_serving() 
     assert_eq!(tally.pids.iter().copied().collect::<Vec<_>>(), [old]);
     assert_eq!(grace.count_lines(") is serving"), 1);
 }
+
+#[test]
+fn a_new_binary_that_refuses_the_command_line_or_hangs_is_refused() {
+    let (grace, copy) = start_copy("picky-binary");
+    let old = grace.serving_pids()[0];
+    // Replaced, not overwritten: the running grace still executes the old file.
+    std::fs::remove_file(&copy).unwrap();
+    std::fs::write(
+        &copy,
+        "#!/bin/sh\necho \"error: unexpected argument '--listen' found\" >&2\nexit 2\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    grace.signal("USR2");
+    let line = grace.wait_line("restart failed", T);
+    assert!(
+        line.contains("refuses this command line: error: unexpected argument"),
+        "{line}"
+    );
+
+    std::fs::write(&copy, "#!/bin/sh\nexec sleep 100\n").unwrap();
+    grace.signal("USR2");
+    let line = grace.wait_line_count("restart failed", 2, T);
+    assert!(line.contains("did not answer the handoff check"), "{line}");
+    assert_eq!(served_by(&http_get(grace.addr(), "/").unwrap().1), old);
+}
