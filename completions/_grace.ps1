@@ -48,6 +48,7 @@ Register-ArgumentCompleter -Native -CommandName 'grace' -ScriptBlock {
             [CompletionResult]::new('--compat', '--compat', [CompletionResultType]::ParameterName, 'Also set the environment another tool''s servers expect (repeatable)')
             [CompletionResult]::new('--backlog', '--backlog', [CompletionResultType]::ParameterName, 'Listen backlog [default: the system''s somaxconn]')
             [CompletionResult]::new('--socket-mode', '--socket-mode', [CompletionResultType]::ParameterName, 'File mode for unix socket files, in octal (e.g. 660)')
+            [CompletionResult]::new('--inject', '--inject', [CompletionResultType]::ParameterName, 'For servers that bind their own port: preload grace''s socket library (LD_PRELOAD, after any you set), which hands a server that binds a --listen address grace''s socket instead. `auto` does so when the command is dynamically linked and does not itself read LISTEN_FDS, and logs why; statically linked commands cannot load it (`always` refuses them)')
             [CompletionResult]::new('--no-listen-pid', '--no-listen-pid', [CompletionResultType]::ParameterName, 'Do not set LISTEN_PID (for servers started through a wrapper that does not `exec`)')
             [CompletionResult]::new('-h', '-h', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')
             [CompletionResult]::new('--help', '--help', [CompletionResultType]::ParameterName, 'Print help (see more with ''--help'')')

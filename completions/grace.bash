@@ -211,7 +211,7 @@ _grace() {
             return 0
             ;;
         grace__subcmd__run)
-            opts="-l -h --listen --ready --ready-timeout --stop-signal --drain-timeout --on-crash --max-draining --pid-file --control --status-file --compat --backlog --socket-mode --no-listen-pid --help"
+            opts="-l -h --listen --ready --ready-timeout --stop-signal --drain-timeout --on-crash --max-draining --pid-file --control --status-file --compat --backlog --socket-mode --no-listen-pid --inject --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -271,6 +271,10 @@ _grace() {
                     ;;
                 --socket-mode)
                     COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --inject)
+                    COMPREPLY=($(compgen -W "auto always never" -- "${cur}"))
                     return 0
                     ;;
                 *)

@@ -47,6 +47,9 @@ complete -c grace -n "__fish_grace_using_subcommand run" -l compat -d 'Also set 
 einhorn\t'`EINHORN_FD_COUNT` and `EINHORN_FD_<i>`, as einhorn sets them'"
 complete -c grace -n "__fish_grace_using_subcommand run" -l backlog -d 'Listen backlog [default: the system\'s somaxconn]' -r
 complete -c grace -n "__fish_grace_using_subcommand run" -l socket-mode -d 'File mode for unix socket files, in octal (e.g. 660)' -r
+complete -c grace -n "__fish_grace_using_subcommand run" -l inject -d 'For servers that bind their own port: preload grace\'s socket library (LD_PRELOAD, after any you set), which hands a server that binds a --listen address grace\'s socket instead. `auto` does so when the command is dynamically linked and does not itself read LISTEN_FDS, and logs why; statically linked commands cannot load it (`always` refuses them)' -r -f -a "auto\t'When the command is a dynamically linked program that does not itself read LISTEN_FDS'
+always\t'Whenever the command can load it; a statically linked command is refused'
+never\t'Never: the server gets the sockets by socket activation only'"
 complete -c grace -n "__fish_grace_using_subcommand run" -l no-listen-pid -d 'Do not set LISTEN_PID (for servers started through a wrapper that does not `exec`)'
 complete -c grace -n "__fish_grace_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c grace -n "__fish_grace_using_subcommand restart" -l control -d 'The control socket that `grace run --control PATH` created' -r -F

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use nix::sys::signal::Signal;
 
 use crate::duration::parse_duration;
+use crate::inject::InjectMode;
 use crate::listen::ListenSpec;
 use crate::readiness::ReadyMode;
 use crate::signals::parse_signal;
@@ -165,6 +166,13 @@ pub struct RunArgs {
     /// Do not set LISTEN_PID (for servers started through a wrapper that does not `exec`).
     #[arg(long)]
     pub no_listen_pid: bool,
+
+    /// For servers that bind their own port: preload grace's socket library (LD_PRELOAD, after
+    /// any you set), which hands a server that binds a --listen address grace's socket instead.
+    /// `auto` does so when the command is dynamically linked and does not itself read LISTEN_FDS,
+    /// and logs why; statically linked commands cannot load it (`always` refuses them).
+    #[arg(long, value_name = "WHEN", value_enum, default_value_t = InjectMode::Auto)]
+    pub inject: InjectMode,
 
     /// The server command and its arguments, run directly (never through a shell).
     #[arg(value_name = "COMMAND", required = true, last = true)]

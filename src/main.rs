@@ -6,6 +6,7 @@ mod control;
 mod duration;
 mod exit;
 mod handoff;
+mod inject;
 mod listen;
 mod notify;
 mod readiness;

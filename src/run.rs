@@ -22,6 +22,7 @@ use crate::cli::{Compat, RunArgs};
 use crate::control::{self, ControlSocket, Request};
 use crate::exit::{self, ExitError};
 use crate::handoff::{self, ClientRecord, ControlRecord, Record, SocketRecord};
+use crate::inject;
 use crate::listen::{BindOptions, Listener, SocketKind, bind_all};
 use crate::notify::{NotifySocket, lineage};
 use crate::readiness::{self, AUTO_DELAY, PROBE_INTERVAL, ReadyMode};
@@ -42,6 +43,8 @@ const RESERVED_ENV: &[&str] = &[
     "GRACE_GENERATION",
     "GRACE_PROBE_ADDR",
     handoff::ENV,
+    handoff::CHECK_ENV,
+    inject::ENV,
 ];
 
 /// Milliseconds on CLOCK_MONOTONIC, which keeps counting across `execve` (unlike `Instant`, whose
@@ -128,7 +131,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
         None => {
             sys::cloexec_inherited_fds();
-            resolve_command(&args.command)?;
+            inject::check(&args, &resolve_command(&args.command)?)?;
             let opts = BindOptions {
                 backlog: args.backlog,
                 socket_mode: args.socket_mode,
@@ -784,6 +787,9 @@ impl Runtime {
         }
         for (k, v) in compat_env(&self.args.compat, &self.listeners, generation) {
             env.extend(env_entry(OsStr::new(&k), OsStr::new(&v)));
+        }
+        if let Err(reason) = inject::apply(&self.args, &program, &self.listeners, &mut env) {
+            return failed(reason, exit::FAILURE);
         }
         let argv: Vec<CString> = self
             .args

@@ -5,6 +5,7 @@ mod contract;
 mod faults;
 mod gunicorn;
 mod harness;
+mod inject;
 mod load;
 mod operate;
 mod pid1;

@@ -1,0 +1,469 @@
+//! `--inject`: servers that bind their own port (Node, Python, a Rust program, `python3 -m
+//! http.server`) get grace's socket through the preload library, and restart with zero downtime
+//! like socket-activated ones. Loopback only; ports are picked free by the kernel, then given to
+//! both grace and the server (which needs the number on its command line).
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::harness::{Grace, alive, example, http_get, served_by, temp_dir, wait_for};
+use crate::load::Load;
+
+const T: Duration = Duration::from_secs(30);
+
+/// What grace logs when it preloads the library.
+const INJECTING: &str = "preloading grace's socket library into";
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A port that was free a moment ago (the server needs the number before it starts).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn require(path: &str, package: &str) -> &'static str {
+    assert!(
+        Path::new(path).exists(),
+        "{path} is missing: install Debian's {package} package (.ci/deps does)"
+    );
+    path.to_string().leak()
+}
+
+/// Debian's python3, never a pyenv shim from PATH.
+fn python() -> &'static str {
+    require("/usr/bin/python3", "python3")
+}
+
+fn node() -> &'static str {
+    require("/usr/bin/node", "nodejs")
+}
+
+/// The pids grace reported serving, in order.
+fn serving_pids(grace: &Grace) -> Vec<i32> {
+    grace
+        .output()
+        .lines()
+        .filter(|l| l.contains(") is serving"))
+        .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
+        .collect()
+}
+
+/// `rustc` run from a test (builds the static server and the user's preload library).
+fn rustc(args: &[&str]) {
+    let output = Command::new("rustc")
+        .args(["--edition", "2024", "-C", "opt-level=1"])
+        .args(args)
+        .output()
+        .expect("running rustc");
+    assert!(
+        output.status.success(),
+        "rustc {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Starts `grace run --listen 127.0.0.1:PORT … -- command` and waits until it serves.
+fn start(port: u16, extra: &[&str], command: &[&str]) -> (Grace, SocketAddr) {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["run", "--listen", &listen, "--ready", "delay:500ms"];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(command);
+    let grace = Grace::start(&args);
+    grace.wait_line(INJECTING, T);
+    grace.wait_line(") is serving", T);
+    let addr: SocketAddr = listen.parse().unwrap();
+    wait_for("a first answer", T, || http_get(addr, "/").ok());
+    (grace, addr)
+}
+
+/// Three restarts under load: no request fails, and after each one the new pid answers.
+fn restarts_under_load(grace: &Grace, addr: SocketAddr) {
+    let load = Load::start(addr, 4, "/");
+    load.wait_more(50, T);
+    for i in 1..=3 {
+        grace.signal("USR2");
+        grace.wait_line_count(") is serving", i + 1, T);
+        let newest = *serving_pids(grace).last().unwrap();
+        wait_for(&format!("generation {} to answer", i + 1), T, || {
+            let (_, body) = http_get(addr, "/").ok()?;
+            (served_by(&body) == newest).then_some(())
+        });
+        load.wait_more(50, T);
+    }
+    let tally = load.finish();
+    assert_eq!(
+        tally.failed,
+        0,
+        "{:?}\n{}",
+        &tally.errors[..tally.errors.len().min(10)],
+        grace.describe()
+    );
+    let pids = serving_pids(grace);
+    assert_eq!(pids.len(), 4, "{}", grace.describe());
+    assert_eq!(
+        pids.iter().collect::<BTreeSet<_>>().len(),
+        4,
+        "a new process each time"
+    );
+    for pid in &pids {
+        assert!(
+            tally.pids.contains(pid),
+            "generation pid {pid} served under load: {:?}",
+            tally.pids
+        );
+    }
+}
+
+fn stop(mut grace: Grace) {
+    grace.signal("TERM");
+    assert_eq!(grace.wait_exit(T).code(), Some(0), "{}", grace.describe());
+}
+
+#[test]
+fn node_server_that_binds_its_port_restarts_under_load_losing_nothing() {
+    let port = free_port();
+    let script = fixture("inject_server.js");
+    let (grace, addr) = start(
+        port,
+        &[],
+        &[node(), script.to_str().unwrap(), &port.to_string()],
+    );
+    restarts_under_load(&grace, addr);
+    stop(grace);
+}
+
+#[test]
+fn python_threading_http_server_restarts_under_load_losing_nothing() {
+    let port = free_port();
+    let script = fixture("inject_server.py");
+    let (grace, addr) = start(
+        port,
+        &[],
+        &[python(), script.to_str().unwrap(), &port.to_string()],
+    );
+    restarts_under_load(&grace, addr);
+    stop(grace);
+}
+
+#[test]
+fn rust_server_that_binds_its_port_restarts_under_load_losing_nothing() {
+    let port = free_port();
+    let server = example("bind_server");
+    let (grace, addr) = start(
+        port,
+        &[],
+        &[server.to_str().unwrap(), &format!("127.0.0.1:{port}")],
+    );
+    restarts_under_load(&grace, addr);
+    stop(grace);
+}
+
+/// Connects and sends a request, without reading the reply.
+fn send_request(addr: SocketAddr) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"GET /index.html HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    Ok(s)
+}
+
+fn read_reply(mut s: TcpStream) -> Result<String, String> {
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)
+        .map_err(|e| format!("read: {e}"))?;
+    Ok(reply)
+}
+
+/// `python3 -m http.server` dies at once on SIGTERM: what it had accepted and not answered is
+/// lost (only a server that drains can protect its in-flight requests). What grace guarantees is
+/// the rest: no connection is refused, and every connection waiting in the queue is answered by
+/// the next generation. To make "waiting in the queue" certain, the old generation is stopped
+/// (SIGSTOP) before the clients connect, so none of them can be accepted by it.
+#[test]
+fn python_http_server_that_does_not_drain_loses_no_queued_connection() {
+    let dir = temp_dir("inject-http-server");
+    std::fs::write(dir.join("index.html"), "queued and answered\n").unwrap();
+    let port = free_port();
+    let (grace, addr) = start(
+        port,
+        &["--drain-timeout", "10s"],
+        &[
+            python(),
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let load = Load::start(addr, 2, "/index.html");
+    load.wait_more(20, T);
+    for i in 1..=3 {
+        let old = *serving_pids(&grace).last().unwrap();
+        kill(old, "STOP");
+        let waiting: Vec<TcpStream> = (0..8)
+            .map(|n| send_request(addr).unwrap_or_else(|e| panic!("client {n}: {e}")))
+            .collect();
+        grace.signal("USR2");
+        grace.wait_line_count(") is serving", i + 1, T);
+        for (n, s) in waiting.into_iter().enumerate() {
+            let reply = read_reply(s).unwrap_or_else(|e| panic!("queued client {n}: {e}"));
+            assert!(
+                reply.starts_with("HTTP/1.0 200") && reply.ends_with("queued and answered\n"),
+                "queued client {n}: {reply:?}"
+            );
+        }
+        // The old one got SIGTERM while stopped: it dies as soon as it runs again.
+        kill(old, "CONT");
+        wait_for("the old generation to exit", T, || {
+            (!alive(old)).then_some(())
+        });
+        load.wait_more(20, T);
+    }
+    let tally = load.finish();
+    let refused: Vec<&String> = tally
+        .errors
+        .iter()
+        .filter(|e| e.contains("refused"))
+        .collect();
+    assert!(refused.is_empty(), "{refused:?}\n{}", grace.describe());
+    stop(grace);
+}
+
+fn kill(pid: i32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// The inodes of the sockets `pid` has open.
+fn socket_inodes(pid: i32) -> BTreeSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let target = std::fs::read_link(e.path()).ok()?;
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// The inode of the socket listening on 127.0.0.1:`port`, from /proc/net/tcp.
+fn listening_inode(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let local = format!("0100007F:{port:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+            .then(|| fields.get(9)?.parse().ok())
+            .flatten()
+    })
+}
+
+#[test]
+fn only_the_address_grace_owns_is_substituted() {
+    let owned = free_port();
+    let other = free_port();
+    let server = example("bind_server");
+    let (grace, addr) = start(
+        owned,
+        &[],
+        &[
+            server.to_str().unwrap(),
+            &format!("127.0.0.1:{owned}"),
+            &format!("127.0.0.1:{other}"),
+        ],
+    );
+    let pid = *serving_pids(&grace).last().unwrap();
+    let other_addr: SocketAddr = format!("127.0.0.1:{other}").parse().unwrap();
+    let (_, body) = http_get(addr, "/").unwrap();
+    assert_eq!(served_by(&body), pid);
+    assert!(body.contains(&format!("port={owned}")), "{body}");
+    let (_, body) = http_get(other_addr, "/").unwrap();
+    assert!(body.contains(&format!("port={other}")), "{body}");
+
+    // One socket listens on each port; the owned one is grace's (the server holds a copy), the
+    // other is the server's alone.
+    let owned_inode = listening_inode(owned).expect("a socket listens on the owned port");
+    let other_inode = listening_inode(other).expect("a socket listens on the other port");
+    let grace_sockets = socket_inodes(grace.pid());
+    let server_sockets = socket_inodes(pid);
+    assert!(grace_sockets.contains(&owned_inode));
+    assert!(server_sockets.contains(&owned_inode), "substituted");
+    assert!(server_sockets.contains(&other_inode));
+    assert!(
+        !grace_sockets.contains(&other_inode),
+        "grace does not hold it"
+    );
+
+    stop(grace);
+    assert!(
+        TcpStream::connect(other_addr).is_err(),
+        "the server's own port went away with it"
+    );
+}
+
+/// examples/bind_server.rs, statically linked (glibc's static libraries: libc6-dev), built once.
+fn static_bind_server() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let out = temp_dir("inject-static").join("bind_server_static");
+            let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/bind_server.rs");
+            rustc(&[
+                "-C",
+                "target-feature=+crt-static",
+                source.to_str().unwrap(),
+                "-o",
+                out.to_str().unwrap(),
+            ]);
+            out
+        })
+        .clone()
+}
+
+/// Processes running `path`, from /proc.
+fn running(path: &Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            (std::fs::read_link(e.path().join("exe")).ok()? == path).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn static_server_is_refused_by_always_and_runs_uninjected_under_auto() {
+    let server = static_bind_server();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let command = [server.to_str().unwrap(), listen.as_str()];
+
+    let mut args = vec!["run", "--inject", "always", "--listen", &listen, "--"];
+    args.extend(command);
+    let mut always = Grace::start(&args);
+    assert_eq!(always.wait_exit(T).code(), Some(1), "{}", always.describe());
+    let out = always.output();
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("grace: "))
+        .unwrap_or_else(|| panic!("one error line:\n{out}"));
+    assert!(line.contains("statically linked"), "{line}");
+    assert!(line.contains("socket activation"), "{line}");
+    assert!(
+        !out.contains("listening on"),
+        "refused before binding:\n{out}"
+    );
+    assert!(!out.contains("started generation"), "{out}");
+    assert!(running(&server).is_empty());
+    drop(TcpListener::bind(&listen).expect("nothing was left bound"));
+
+    // auto: says why it does not inject, and runs the command as is; this server then finds its
+    // port taken by grace, and grace exits with the server's status.
+    let mut args = vec!["run", "--listen", &listen, "--"];
+    args.extend(command);
+    let mut auto = Grace::start(&args);
+    let line = auto.wait_line("not preloading grace's socket library", T);
+    assert!(line.contains("statically linked"), "{line}");
+    assert!(line.contains("socket activation"), "{line}");
+    assert_eq!(auto.wait_exit(T).code(), Some(1), "{}", auto.describe());
+    assert!(
+        auto.output().contains(&format!(
+            "bind_server: binding {listen}: Address already in use"
+        )),
+        "{}",
+        auto.describe()
+    );
+    assert!(running(&server).is_empty(), "nothing left running");
+}
+
+#[test]
+fn the_users_own_preload_library_still_loads() {
+    let dir = temp_dir("inject-user-preload");
+    let library = dir.join("libinject_marker.so");
+    let marks = dir.join("marks");
+    rustc(&[
+        "--crate-type",
+        "cdylib",
+        fixture("inject_marker.rs").to_str().unwrap(),
+        "-o",
+        library.to_str().unwrap(),
+    ]);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let server = example("bind_server");
+    let grace = Grace::start_with(
+        &[
+            "run",
+            "--listen",
+            &listen,
+            "--ready",
+            "delay:300ms",
+            "--",
+            server.to_str().unwrap(),
+            &listen,
+        ],
+        |cmd| {
+            cmd.env("LD_PRELOAD", &library).env("INJECT_MARKER", &marks);
+        },
+    );
+    grace.wait_line(") is serving", T);
+    let pid = *serving_pids(&grace).last().unwrap();
+    let addr: SocketAddr = listen.parse().unwrap();
+    let (_, body) = wait_for("an answer", T, || http_get(addr, "/").ok());
+    assert_eq!(served_by(&body), pid, "grace's socket reached the server");
+
+    let loaded: Vec<String> = std::fs::read_to_string(&marks)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert!(
+        loaded.contains(&pid.to_string()),
+        "the user's library ran in the server: {loaded:?}"
+    );
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let preload = environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"LD_PRELOAD="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap();
+    assert!(
+        preload.starts_with(&format!("{}:/proc/{}/fd/", library.display(), grace.pid())),
+        "grace's library comes after the user's: {preload}"
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    assert!(
+        maps.contains(library.to_str().unwrap()),
+        "user's library mapped"
+    );
+    assert!(maps.contains("grace-preload"), "grace's library mapped");
+    stop(grace);
+}
