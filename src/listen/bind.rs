@@ -545,20 +545,7 @@ fn bind_unix_path(path: &Path, mode: Option<u32>, backlog: Backlog) -> Result<(O
     // Recorded absolute so that removing it at exit does not depend on the working directory.
     let absolute = std::path::absolute(path).with_context(|| format!("binding {label}"))?;
     clear_stale_socket(path).with_context(|| format!("binding {label}"))?;
-    let addr = UnixAddr::new(path)
-        .map_err(os)
-        .with_context(|| format!("binding {label}"))?;
-    let fd = socket::socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(os)
-    .with_context(|| format!("creating a socket for {label}"))?;
-    socket::bind(fd.as_raw_fd(), &addr)
-        .map_err(os)
-        .with_context(|| format!("binding {label}"))?;
+    let fd = bound_unix_socket(UnixAddr::new(path), &label)?;
 
     // The file exists now and is ours: remove it if anything below fails. chmod comes before
     // listen() because until then every connect() is refused, so no client gets in under the
@@ -631,7 +618,16 @@ fn clear_stale_socket(path: &Path) -> Result<()> {
 
 fn bind_abstract(name: &str, backlog: Backlog) -> Result<OwnedFd> {
     let label = format!("unix @{name}");
-    let addr = UnixAddr::new_abstract(name.as_bytes())
+    let fd = bound_unix_socket(UnixAddr::new_abstract(name.as_bytes()), &label)?;
+    socket::listen(&fd, backlog)
+        .map_err(os)
+        .with_context(|| format!("listening on {label}"))?;
+    Ok(fd)
+}
+
+/// A close-on-exec Unix stream socket bound to `addr` (not listening yet).
+fn bound_unix_socket(addr: nix::Result<UnixAddr>, label: &str) -> Result<OwnedFd> {
+    let addr = addr
         .map_err(os)
         .with_context(|| format!("binding {label}"))?;
     let fd = socket::socket(
@@ -645,9 +641,6 @@ fn bind_abstract(name: &str, backlog: Backlog) -> Result<OwnedFd> {
     socket::bind(fd.as_raw_fd(), &addr)
         .map_err(os)
         .with_context(|| format!("binding {label}"))?;
-    socket::listen(&fd, backlog)
-        .map_err(os)
-        .with_context(|| format!("listening on {label}"))?;
     Ok(fd)
 }
 
