@@ -65,6 +65,18 @@ impl Grace {
         Self::spawn(Command::new(grace_bin()), args, tweak)
     }
 
+    /// grace running the example server on a loopback port with `extra` options, once the first
+    /// generation serves.
+    pub fn serve(extra: &[&str]) -> Grace {
+        let server = example("server");
+        let mut args = vec!["run", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        args.extend(["--", server.to_str().unwrap()]);
+        let grace = Grace::start(&args);
+        grace.wait_line(") is serving", Duration::from_secs(20));
+        grace
+    }
+
     /// Runs another program (e.g. `unshare … grace run …`) with the same collection of output.
     pub fn start_raw(program: &str, args: &[&str]) -> Grace {
         Self::spawn(Command::new(program), args, |_| {})

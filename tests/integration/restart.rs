@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Grace, alive, example, http_get, served_by, served_by_other, wait_for};
+use crate::harness::{Grace, alive, http_get, served_by, served_by_other, wait_for};
 use crate::load::Load;
 
 const T: Duration = Duration::from_secs(20);
@@ -11,14 +11,7 @@ const T: Duration = Duration::from_secs(20);
 
 #[test]
 fn five_restarts_under_load_lose_no_request() {
-    let server = example("server");
-    let grace = Grace::start(&[
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--",
-        server.to_str().unwrap(),
-    ]);
+    let grace = Grace::serve(&[]);
     let addr = grace.addr();
     grace.wait_line("is serving", T);
     let load = Load::start(addr, 4, "/");
@@ -69,14 +62,7 @@ fn five_restarts_under_load_lose_no_request() {
 
 #[test]
 fn a_slow_request_finishes_on_the_old_generation() {
-    let server = example("server");
-    let grace = Grace::start(&[
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--",
-        server.to_str().unwrap(),
-    ]);
+    let grace = Grace::serve(&[]);
     let addr = grace.addr();
     grace.wait_line("is serving", T);
     let old = served_by(&http_get(addr, "/").unwrap().1);

@@ -12,14 +12,7 @@ fn code(grace: &mut Grace) -> Option<i32> {
 
 #[test]
 fn sigterm_drains_in_flight_requests_and_exits_zero() {
-    let server = example("server");
-    let mut grace = Grace::start(&[
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--",
-        server.to_str().unwrap(),
-    ]);
+    let mut grace = Grace::serve(&[]);
     let addr = grace.addr();
     grace.wait_line(") is serving", T);
     let slow = std::thread::spawn(move || http_get(addr, "/sleep?duration=1s"));
