@@ -412,12 +412,15 @@ struct Marks {
 
 /// Looks through the whole file for the marks, in chunks (a server binary may be 100 MB).
 fn scan(path: &Path) -> std::io::Result<Marks> {
-    const CHUNK: usize = 1 << 20;
+    // On the stack and small: a heap buffer of a megabyte stayed resident in grace after the
+    // first spawn (glibc raises its mmap threshold once such a block is freed).
+    const CHUNK: usize = 64 << 10;
     let keep = ACTIVATION_MARK.len().max(GO_MARK.len()) - 1;
     let activation = memchr::memmem::Finder::new(ACTIVATION_MARK);
     let go = memchr::memmem::Finder::new(GO_MARK);
     let mut file = File::open(path)?;
-    let mut buf = vec![0u8; CHUNK + keep];
+    let mut buf = [0u8; CHUNK + 64];
+    assert!(keep < 64, "the marks fit in the carried tail");
     let mut carried = 0;
     let mut marks = Marks::default();
     loop {
