@@ -94,7 +94,18 @@ impl Grace {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         tweak(&mut cmd);
-        let mut child = cmd.spawn().expect("starting grace");
+        // A binary a test has just written can be "busy" for a moment: another test thread may
+        // fork while the write fd is open, and its child holds that fd until it execs.
+        let mut child = (0..100)
+            .find_map(|_| match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    None
+                }
+                other => Some(other),
+            })
+            .expect("the binary stayed busy")
+            .expect("starting grace");
         let lines = Arc::new(Mutex::new(Vec::new()));
         for pipe in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
@@ -331,4 +342,21 @@ pub fn served_by(body: &str) -> i32 {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|p| p.parse().ok())
         .unwrap_or(0)
+}
+
+/// Puts `contents` at `path` for something to execute later. The write happens in a `cp` process:
+/// a file this (multi-threaded) test process had open for writing could be inherited by a child
+/// another test forks meanwhile, and executing it would then fail with "Text file busy".
+pub fn install(path: &std::path::Path, contents: &[u8]) {
+    let source = path.with_extension("source");
+    std::fs::write(&source, contents).unwrap();
+    let status = Command::new("cp").arg(&source).arg(path).status().unwrap();
+    assert!(status.success(), "cp to {}", path.display());
+    std::fs::remove_file(&source).unwrap();
+}
+
+/// Copies an executable the same way as [`install`].
+pub fn install_copy(from: &std::path::Path, to: &std::path::Path) {
+    let status = Command::new("cp").arg(from).arg(to).status().unwrap();
+    assert!(status.success(), "cp {} {}", from.display(), to.display());
 }

@@ -483,7 +483,7 @@ fn compat_variables_follow_start_server_and_einhorn() {
 fn deploy_script_fails_the_deploy_when_grace_rolls_back() {
     let dir = temp_dir("deploy");
     let installed = dir.join("server");
-    std::fs::copy(example("server"), &installed).unwrap();
+    crate::harness::install_copy(&example("server"), &installed);
     let control = dir.join("ctl").display().to_string();
     let grace = Grace::start(&[
         "run",

@@ -3,7 +3,9 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use crate::harness::{Grace, example, grace_bin, http_get, served_by, temp_dir};
+use crate::harness::{
+    Grace, example, grace_bin, http_get, install, install_copy, served_by, temp_dir,
+};
 use crate::load::Load;
 
 const T: Duration = Duration::from_secs(20);
@@ -19,7 +21,7 @@ fn exe_of(pid: i32) -> String {
 fn start_copy(tag: &str) -> (Grace, std::path::PathBuf) {
     let dir = temp_dir(tag);
     let copy = dir.join("grace");
-    std::fs::copy(grace_bin(), &copy).unwrap();
+    install_copy(&grace_bin(), &copy);
     let server = example("server");
     let grace = Grace::start_raw(
         copy.to_str().unwrap(),
@@ -40,7 +42,7 @@ fn a_replaced_binary_takes_over_at_the_next_restart() {
     let (grace, copy) = start_copy("upgrade");
     // Install a new build the way package managers do: a new file renamed over the old one.
     let staged = copy.with_extension("new");
-    std::fs::copy(grace_bin(), &staged).unwrap();
+    install_copy(&grace_bin(), &staged);
     std::fs::rename(&staged, &copy).unwrap();
     assert!(
         exe_of(grace.pid()).ends_with("(deleted)"),
@@ -67,13 +69,13 @@ fn a_deleted_or_broken_binary_is_refused_and_the_old_generation_keeps_serving() 
     grace.signal("USR2");
     grace.wait_line_count("restart failed", 1, T);
 
-    std::fs::write(&copy, "not a program").unwrap();
+    install(&copy, b"not a program");
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o644)).unwrap();
     grace.signal("USR2");
     grace.wait_line_count("restart failed", 2, T);
 
     // An executable that does not speak the handoff protocol.
-    std::fs::write(&copy, "#!/bin/sh\necho 99\n").unwrap();
+    install(&copy, b"#!/bin/sh\necho 99\n");
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
     grace.signal("USR2");
     let line = grace.wait_line_count("restart failed", 3, T);
@@ -97,11 +99,10 @@ fn a_new_binary_that_refuses_the_command_line_or_hangs_is_refused() {
     let old = grace.serving_pids()[0];
     // Replaced, not overwritten: the running grace still executes the old file.
     std::fs::remove_file(&copy).unwrap();
-    std::fs::write(
+    install(
         &copy,
-        "#!/bin/sh\necho \"error: unexpected argument '--listen' found\" >&2\nexit 2\n",
-    )
-    .unwrap();
+        b"#!/bin/sh\necho \"error: unexpected argument '--listen' found\" >&2\nexit 2\n",
+    );
     std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
     grace.signal("USR2");
     let line = grace.wait_line("restart failed", T);
@@ -110,7 +111,7 @@ fn a_new_binary_that_refuses_the_command_line_or_hangs_is_refused() {
         "{line}"
     );
 
-    std::fs::write(&copy, "#!/bin/sh\nexec sleep 100\n").unwrap();
+    install(&copy, b"#!/bin/sh\nexec sleep 100\n");
     grace.signal("USR2");
     let line = grace.wait_line_count("restart failed", 2, T);
     assert!(line.contains("did not answer the handoff check"), "{line}");
