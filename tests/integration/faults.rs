@@ -479,17 +479,7 @@ fn a_pid_file_that_cannot_be_rewritten_does_not_abort_a_restart() {
     let piddir = dir.join("run");
     std::fs::create_dir(&piddir).unwrap();
     let pid_file = piddir.join("grace.pid");
-    let server = example("server");
-    let grace = Grace::start(&[
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--pid-file",
-        pid_file.to_str().unwrap(),
-        "--",
-        server.to_str().unwrap(),
-    ]);
-    grace.wait_line(") is serving", T);
+    let grace = Grace::serve(&["--pid-file", pid_file.to_str().unwrap()]);
     std::fs::remove_dir_all(&piddir).unwrap();
     grace.signal("USR2");
     grace.wait_line_count(") is serving", 2, T);
