@@ -79,6 +79,8 @@ fn restart_waits_for_the_outcome_across_the_reexec() {
     let old = served_by(&http_get(r.grace.addr(), "/").unwrap().1);
     let (code, out, err) = text(&grace_cmd(&["restart", "--control", &r.control]));
     assert_eq!(code, Some(0), "{out}{err}");
+    // grace's log line may reach the test's reader thread after the client's answer.
+    r.grace.wait_line_count(") is serving", 2, T);
     let new = r.grace.serving_pids()[1];
     assert_ne!(new, old);
     served_by_other(r.grace.addr(), old);
