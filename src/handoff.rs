@@ -61,6 +61,9 @@ pub struct Record {
     pub restarts: u64,
     pub controls: Vec<ControlRecord>,
     pub clients: Vec<ClientRecord>,
+    /// The memfd of grace's socket library (`--inject`), which running generations load by its
+    /// fd number.
+    pub preload_fd: Option<i32>,
 }
 
 impl Record {
@@ -85,6 +88,7 @@ impl Record {
             restarts: 0,
             controls: Vec::new(),
             clients: Vec::new(),
+            preload_fd: None,
         }
     }
 
@@ -176,6 +180,9 @@ impl Record {
         for c in &self.clients {
             let _ = writeln!(s, "client {} {}", c.fd, c.target);
         }
+        if let Some(fd) = self.preload_fd {
+            let _ = writeln!(s, "preload {fd}");
+        }
         s
     }
 
@@ -206,6 +213,7 @@ impl Record {
             restarts: 0,
             controls: Vec::new(),
             clients: Vec::new(),
+            preload_fd: None,
         };
         for line in lines {
             let f: Vec<&str> = line.split(' ').collect();
@@ -304,6 +312,7 @@ impl Record {
                     fd: int(1)?,
                     target: num(2)?,
                 }),
+                "preload" => r.preload_fd = Some(int(1)?),
                 // A key added by a newer image of the same version: not ours to interpret.
                 _ => {}
             }
@@ -435,6 +444,7 @@ mod tests {
                 },
             ],
             clients: vec![ClientRecord { fd: 9, target: 10 }],
+            preload_fd: Some(11),
         }
     }
 
@@ -444,7 +454,14 @@ mod tests {
         let text = record.encode();
         assert!(text.starts_with("grace-handoff 1\n"));
         assert!(!text.contains("a b"), "spaces must be escaped: {text}");
+        assert!(text.contains("\npreload 11\n"), "{text}");
         assert_eq!(Record::decode(&text), Ok(record));
+        let without = Record {
+            preload_fd: None,
+            ..sample()
+        };
+        assert!(!without.encode().contains("preload"));
+        assert_eq!(Record::decode(&without.encode()), Ok(without));
     }
 
     #[test]

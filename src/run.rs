@@ -293,6 +293,13 @@ fn adopt(record: &Record) -> anyhow::Result<Adopted> {
     for c in &record.clients {
         waiting.push((UnixStream::from(take(c.fd, "restart client")?), c.target));
     }
+    // Running generations load the socket library by this number: not worth killing them for.
+    if let Some(fd) = record.preload_fd {
+        match take(fd, "socket library") {
+            Ok(fd) => inject::adopt_library(fd),
+            Err(e) => warn!("{e:#}"),
+        }
+    }
     Ok((listeners, notify, controls, waiting))
 }
 
@@ -875,6 +882,7 @@ impl Runtime {
                 target: *target,
             })
             .collect();
+        record.preload_fd = inject::library_fd().map(|fd| fd.as_raw_fd());
         // Exactly the fds the record names survive the exec.
         let keep: Vec<_> = self
             .listeners
@@ -883,6 +891,7 @@ impl Runtime {
             .chain(std::iter::once(self.notify.as_fd()))
             .chain(self.control.iter().map(|c| c.as_fd()))
             .chain(self.waiting.iter().map(|(stream, _)| stream.as_fd()))
+            .chain(inject::library_fd())
             .collect();
         for fd in &keep {
             if let Err(e) = sys::set_cloexec(*fd, false) {

@@ -9,6 +9,9 @@ pub const AF_INET6: u16 = 10;
 pub const SOCKADDR_IN_LEN: usize = 16;
 /// `sizeof(struct sockaddr_in6)`.
 pub const SOCKADDR_IN6_LEN: usize = 28;
+/// The `sockaddr_in6` of RFC 2133, without `sin6_scope_id`: the kernel still accepts it (as scope
+/// 0), and so do we.
+pub const SOCKADDR_IN6_RFC2133_LEN: usize = 24;
 
 /// Reads an IPv4 or IPv6 socket address; `None` for any other family or a short buffer.
 pub fn decode(bytes: &[u8]) -> Option<SocketAddr> {
@@ -21,12 +24,16 @@ pub fn decode(bytes: &[u8]) -> Option<SocketAddr> {
             Some(SocketAddr::V4(SocketAddrV4::new(ip, port)))
         }
         AF_INET6 => {
-            let b: &[u8; SOCKADDR_IN6_LEN] = bytes.get(..SOCKADDR_IN6_LEN)?.try_into().ok()?;
+            let b: &[u8; SOCKADDR_IN6_RFC2133_LEN] =
+                bytes.get(..SOCKADDR_IN6_RFC2133_LEN)?.try_into().ok()?;
             let port = u16::from_be_bytes([b[2], b[3]]);
             let flowinfo = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
             let mut ip = [0u8; 16];
             ip.copy_from_slice(&b[8..24]);
-            let scope_id = u32::from_ne_bytes([b[24], b[25], b[26], b[27]]);
+            let scope_id = match bytes.get(SOCKADDR_IN6_RFC2133_LEN..SOCKADDR_IN6_LEN) {
+                Some(s) => u32::from_ne_bytes([s[0], s[1], s[2], s[3]]),
+                None => 0,
+            };
             Some(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(ip),
                 port,

@@ -5,8 +5,9 @@
 //! (see `table.rs`). When the server `bind`s an address that one of them has, the library puts
 //! grace's socket in place of the server's own (`dup3` onto the server's fd number, keeping the
 //! server's `O_CLOEXEC` and `O_NONBLOCK`), and the server's `listen` on it succeeds without
-//! touching the shared queue. Everything else goes to the real call, found with
-//! `dlsym(RTLD_NEXT)`, untouched.
+//! touching the shared queue. A `shutdown` of grace's socket does nothing: on a listening socket
+//! it would stop the queue every generation shares (closing the fd is how a server stops
+//! accepting). Everything else goes to the real call, found with `dlsym(RTLD_NEXT)`, untouched.
 //!
 //! Rules it keeps:
 //! - It acts only in the process grace started: the one whose pid is `LISTEN_PID` (the same pid
@@ -19,9 +20,11 @@
 //! - No allocation, no locks, only async-signal-safe calls in the hooks; the table is a
 //!   fixed-size static filled once, before `main` (or by the first hook, if another library's
 //!   constructor binds first), and published with an atomic.
-//! - Only the same address family matches, with one exception: a server binding `0.0.0.0:P` gets
-//!   the dual-stack `[::]:P` that `--listen :P` gives, and then sees IPv4 addresses from its
-//!   `getsockname` and `accept` on that socket, as an IPv4 socket would show them.
+//! - Only the same address family matches, with one exception: a TCP server binding `0.0.0.0:P`
+//!   gets the dual-stack `[::]:P` that `--listen :P` gives, and then sees IPv4 addresses from its
+//!   `getsockname` and `accept` on that socket, as an IPv4 socket would show them. (Not UDP: its
+//!   `recvfrom` would give IPv6 sender addresses; see `table::matches`.)
+//! - Filling the table from a hook (before the constructor ran) leaves `errno` as it was.
 
 #![no_std]
 
@@ -48,6 +51,8 @@ const IPPROTO_IPV6: c_int = 41;
 const IPV6_V6ONLY: c_int = 26;
 const SOCK_STREAM: c_int = 1;
 const SOCK_DGRAM: c_int = 2;
+const SHUT_RD: c_int = 0;
+const SHUT_RDWR: c_int = 2;
 const F_GETFD: c_int = 1;
 const F_GETFL: c_int = 3;
 const F_SETFL: c_int = 4;
@@ -66,6 +71,7 @@ unsafe extern "C" {
     fn getenv(name: *const c_char) -> *const c_char;
     fn getpid() -> c_int;
     fn fstat(fd: c_int, buf: *mut c_void) -> c_int;
+    fn getpeername(fd: c_int, addr: *mut c_void, len: *mut Socklen) -> c_int;
     fn getsockopt(
         fd: c_int,
         level: c_int,
@@ -120,6 +126,7 @@ type ListenFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type AcceptFn = unsafe extern "C" fn(c_int, *mut c_void, *mut Socklen) -> c_int;
 type Accept4Fn = unsafe extern "C" fn(c_int, *mut c_void, *mut Socklen, c_int) -> c_int;
 type GetsocknameFn = unsafe extern "C" fn(c_int, *mut c_void, *mut Socklen) -> c_int;
+type ShutdownFn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 
 /// The next definition of each hooked symbol, resolved once (0 until then).
 struct Real {
@@ -128,6 +135,7 @@ struct Real {
     accept: AtomicUsize,
     accept4: AtomicUsize,
     getsockname: AtomicUsize,
+    shutdown: AtomicUsize,
 }
 
 static REAL: Real = Real {
@@ -136,6 +144,7 @@ static REAL: Real = Real {
     accept: AtomicUsize::new(0),
     accept4: AtomicUsize::new(0),
     getsockname: AtomicUsize::new(0),
+    shutdown: AtomicUsize::new(0),
 };
 
 /// Looks `name` up behind this library (done once, in the constructor, where `dlsym` may lock).
@@ -156,6 +165,7 @@ fn resolve_all() {
     resolve(&REAL.accept, c"accept");
     resolve(&REAL.accept4, c"accept4");
     resolve(&REAL.getsockname, c"getsockname");
+    resolve(&REAL.shutdown, c"shutdown");
 }
 
 /// Makes a call fail with ENOSYS when the real function cannot be found (never expected).
@@ -202,6 +212,14 @@ unsafe fn real_getsockname(fd: c_int, addr: *mut c_void, len: *mut Socklen) -> c
         0 => missing(),
         // SAFETY: as in real_bind, for `getsockname`.
         f => unsafe { core::mem::transmute::<usize, GetsocknameFn>(f)(fd, addr, len) },
+    }
+}
+
+unsafe fn real_shutdown(fd: c_int, how: c_int) -> c_int {
+    match resolve(&REAL.shutdown, c"shutdown") {
+        0 => missing(),
+        // SAFETY: as in real_bind, for `shutdown`.
+        f => unsafe { core::mem::transmute::<usize, ShutdownFn>(f)(fd, how) },
     }
 }
 
@@ -277,8 +295,12 @@ fn table() -> &'static Table {
             .compare_exchange(NEW, FILLING, Ordering::Acquire, Ordering::Acquire)
             .is_ok()
         {
+            // Filling makes system calls that may fail (a closed fd, an unset variable): a hook
+            // whose own call then succeeds must not leave their errno behind.
+            let saved = errno();
             // SAFETY: we won the exchange: no one else writes, and no one reads before READY.
             fill(unsafe { &mut *TABLE.0.get() });
+            set_errno(saved);
             STATE.store(READY, Ordering::Release);
         } else {
             // Another thread is filling it (only possible if threads run before our
@@ -330,7 +352,12 @@ fn check(slot: &mut Slot) {
     {
         return;
     }
-    if slot.entry.proto == Proto::Tcp && int_option(fd, SOL_SOCKET, SO_ACCEPTCONN) != Some(1) {
+    // A listening socket, or one whose queue was shut down (a `shutdown(2)` that bypassed this
+    // library): still bound, not connected. The server's `listen` then brings it back.
+    if slot.entry.proto == Proto::Tcp
+        && int_option(fd, SOL_SOCKET, SO_ACCEPTCONN) != Some(1)
+        && connected(fd)
+    {
         return;
     }
     slot.dual_stack =
@@ -387,6 +414,14 @@ fn int_option(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
     // SAFETY: value and len are valid for the sizes given.
     let rc = unsafe { getsockopt(fd, level, name, (&raw mut value).cast(), &mut len) };
     (rc == 0).then_some(value)
+}
+
+/// Whether `fd` has a peer (a connection, not a listening or a dead socket).
+fn connected(fd: c_int) -> bool {
+    let mut buf = [0u8; 128];
+    let mut len = buf.len() as Socklen;
+    // SAFETY: buf and len describe a valid buffer.
+    unsafe { getpeername(fd, buf.as_mut_ptr().cast(), &mut len) == 0 }
 }
 
 fn local_addr(fd: c_int) -> Option<SocketAddr> {
@@ -513,7 +548,7 @@ fn substitute(t: &Table, fd: c_int, wanted: &SocketAddr) -> Option<c_int> {
             Proto::Tcp => ty == SOCK_STREAM,
             Proto::Udp => ty == SOCK_DGRAM,
         };
-        let how = table::matches(&s.entry.addr, s.dual_stack, wanted);
+        let how = table::matches(s.entry.proto, &s.entry.addr, s.dual_stack, wanted);
         (s.usable && proto_ok && how != Match::No).then_some((s, how))
     })?;
     // Still the socket grace passed? (The server may have closed the fd and reused the number.)
@@ -595,6 +630,18 @@ fn explain_in_use(t: &Table, fd: c_int, wanted: &SocketAddr) {
             "fd {} no longer holds it (did the server close it?)",
             slot.entry.fd
         )
+    } else if slot.entry.proto == Proto::Udp
+        && slot.dual_stack
+        && table::matches(Proto::Tcp, &slot.entry.addr, true, wanted)
+            == Match::V4WildcardOnDualStack
+    {
+        write!(
+            line,
+            "the addresses differ: give --listen the address the server binds (udp://0.0.0.0:{} \
+             for this one: an IPv4 UDP server cannot share the dual-stack socket of :PORT, whose \
+             senders have IPv6 addresses)",
+            wanted.port()
+        )
     } else {
         write!(
             line,
@@ -638,21 +685,57 @@ impl fmt::Write for Line {
     }
 }
 
-/// `listen(2)`: on grace's socket it succeeds without touching the shared queue's backlog.
+/// The slot of grace's socket, if `fd` holds it (by identity) in the process grace started.
+fn grace_socket(fd: c_int) -> Option<&'static Slot> {
+    let t = table();
+    if !t.active || t.len == 0 {
+        return None;
+    }
+    let id = identity(fd)?;
+    t.slots().iter().find(|s| s.usable && s.id == id)
+}
+
+/// `listen(2)`: on grace's socket it succeeds without touching the shared queue's backlog. If the
+/// socket no longer listens (a `shutdown(2)` that bypassed this library stopped its queue), it
+/// is brought back at its address.
 ///
 /// # Safety
 /// As `listen(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
-    let t = table();
-    if t.active && t.len > 0 {
-        let id = identity(fd);
-        if id.is_some() && t.slots().iter().any(|s| s.usable && Some(s.id) == id) {
-            return 0;
-        }
+    let Some(slot) = grace_socket(fd) else {
+        // SAFETY: the caller's arguments, passed on.
+        return unsafe { real_listen(fd, backlog) };
+    };
+    if slot.entry.proto != Proto::Tcp || int_option(fd, SOL_SOCKET, SO_ACCEPTCONN) != Some(0) {
+        return 0;
     }
+    // A stopped socket usually keeps its port (it was bound to an explicit one); if it lost it,
+    // bind it again first. The bind fails with EINVAL when the address is still its own.
+    let saved = errno();
+    let mut buf = [0u8; addr::SOCKADDR_IN6_LEN];
+    let n = addr::encode(&slot.entry.addr, &mut buf);
+    // SAFETY: our own buffer of n bytes.
+    unsafe { real_bind(fd, buf.as_ptr().cast(), n as Socklen) };
+    set_errno(saved);
     // SAFETY: the caller's arguments, passed on.
     unsafe { real_listen(fd, backlog) }
+}
+
+/// `shutdown(2)`: does nothing on grace's socket. On a listening socket it would stop the one
+/// queue every generation and grace share (and on a UDP socket, stop its reads for all of them);
+/// closing the fd is how a server stops accepting. The call succeeds, as it does on a listening
+/// socket; threads blocked in `accept` are not woken by it.
+///
+/// # Safety
+/// As `shutdown(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    if (SHUT_RD..=SHUT_RDWR).contains(&how) && grace_socket(fd).is_some() {
+        return 0;
+    }
+    // SAFETY: the caller's arguments, passed on.
+    unsafe { real_shutdown(fd, how) }
 }
 
 /// `accept(2)`.

@@ -77,17 +77,21 @@ pub enum Match {
     No,
     /// Same family, address and port (and IPv6 scope).
     Same,
-    /// The server binds `0.0.0.0:P` and grace holds the dual-stack `[::]:P` that `--listen :P`
+    /// A TCP server binds `0.0.0.0:P` and grace holds the dual-stack `[::]:P` that `--listen :P`
     /// gives: the server's "all IPv4 interfaces" is inside grace's "all interfaces". The library
     /// then shows the server IPv4 addresses (its `getsockname`, its `accept` peers) as an IPv4
     /// socket would.
     V4WildcardOnDualStack,
 }
 
-/// Whether binding `wanted` means the socket grace holds at `held`. Only the same family matches,
-/// with one exception: see [`Match::V4WildcardOnDualStack`]. `dual_stack` says whether the held
-/// IPv6 socket also takes IPv4 (`IPV6_V6ONLY` off).
-pub fn matches(held: &SocketAddr, dual_stack: bool, wanted: &SocketAddr) -> Match {
+/// Whether binding `wanted` means the `proto` socket grace holds at `held`. Only the same family
+/// matches, with one exception for TCP: see [`Match::V4WildcardOnDualStack`]. `dual_stack` says
+/// whether the held IPv6 socket also takes IPv4 (`IPV6_V6ONLY` off).
+///
+/// Not for UDP: a datagram server reads each sender's address with `recvfrom`/`recvmsg`, which
+/// would give it IPv6 (`::ffff:a.b.c.d`) addresses cut to the size of its IPv4 buffer. Such a
+/// server needs `--listen udp://0.0.0.0:P`, and is told so when its bind fails.
+pub fn matches(proto: Proto, held: &SocketAddr, dual_stack: bool, wanted: &SocketAddr) -> Match {
     if held.port() != wanted.port() || wanted.port() == 0 {
         return Match::No;
     }
@@ -99,7 +103,10 @@ pub fn matches(held: &SocketAddr, dual_stack: bool, wanted: &SocketAddr) -> Matc
             Match::Same
         }
         (SocketAddr::V6(h), SocketAddr::V4(w))
-            if dual_stack && h.ip().is_unspecified() && *w.ip() == Ipv4Addr::UNSPECIFIED =>
+            if proto == Proto::Tcp
+                && dual_stack
+                && h.ip().is_unspecified()
+                && *w.ip() == Ipv4Addr::UNSPECIFIED =>
         {
             Match::V4WildcardOnDualStack
         }

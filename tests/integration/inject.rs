@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -90,8 +91,39 @@ fn start(port: u16, extra: &[&str], command: &[&str]) -> (Grace, SocketAddr) {
     (grace, addr)
 }
 
-/// Three restarts under load: no request fails, and after each one the new pid answers.
+/// The `LD_PRELOAD` a process runs with.
+fn preload_of(pid: i32) -> String {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    environ
+        .split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(b"LD_PRELOAD="))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_else(|| panic!("pid {pid} has no LD_PRELOAD"))
+}
+
+/// grace's library as a generation loads it: its `/proc/<grace>/fd/N` path and the memfd's
+/// inode.
+fn library_of(grace: &Grace, pid: i32) -> (String, u64) {
+    let preload = preload_of(pid);
+    let path = preload.rsplit(':').next().unwrap().to_string();
+    assert!(
+        path.starts_with(&format!("/proc/{}/fd/", grace.pid())),
+        "{preload}"
+    );
+    let target = std::fs::read_link(&path).unwrap();
+    assert!(
+        target.to_string_lossy().contains("grace-preload"),
+        "{path} is {}",
+        target.display()
+    );
+    (path.clone(), std::fs::metadata(&path).unwrap().ino())
+}
+
+/// Three restarts under load: no request fails, and after each one the new pid answers. Every
+/// generation loads the same library at the same path: grace keeps its memfd across re-execs,
+/// so what the generations `exec` later loads it too.
 fn restarts_under_load(grace: &Grace, addr: SocketAddr) {
+    let library = library_of(grace, *serving_pids(grace).last().unwrap());
     let load = Load::start(addr, 4, "/");
     load.wait_more(50, T);
     for i in 1..=3 {
@@ -102,6 +134,7 @@ fn restarts_under_load(grace: &Grace, addr: SocketAddr) {
             let (_, body) = http_get(addr, "/").ok()?;
             (served_by(&body) == newest).then_some(())
         });
+        assert_eq!(library_of(grace, newest), library, "after restart {i}");
         load.wait_more(50, T);
     }
     let tally = load.finish();
@@ -170,6 +203,93 @@ fn rust_server_that_binds_its_port_restarts_under_load_losing_nothing() {
     );
     restarts_under_load(&grace, addr);
     stop(grace);
+}
+
+/// A server that calls `shutdown(SHUT_RDWR)` on its listening socket when it stops (to wake its
+/// accept threads, as many C and C++ servers do) must not stop the queue every generation
+/// shares: through the library the call does nothing to grace's socket.
+#[test]
+fn server_that_shuts_its_listener_down_restarts_under_load_losing_nothing() {
+    let port = free_port();
+    let script = fixture("inject_shutdown_server.py");
+    let (grace, addr) = start(
+        port,
+        &[],
+        &[python(), script.to_str().unwrap(), &port.to_string()],
+    );
+    restarts_under_load(&grace, addr);
+    assert_eq!(
+        listening_inode(port).map(|inode| socket_inodes(grace.pid()).contains(&inode)),
+        Some(true),
+        "grace's socket still listens"
+    );
+    stop(grace);
+}
+
+/// A shutdown(2) the library cannot see (a raw system call) stops grace's socket; the server's
+/// next listen() on it brings it back, at its address, in a process that starts with the socket
+/// stopped.
+#[test]
+fn a_shared_socket_stopped_behind_the_librarys_back_listens_again() {
+    let port = free_port();
+    let script = fixture("inject_shutdown_server.py");
+    let (grace, addr) = start(
+        port,
+        &[],
+        &[python(), script.to_str().unwrap(), &port.to_string(), "raw"],
+    );
+    let pid = *serving_pids(&grace).last().unwrap();
+    let (_, body) = http_get(addr, "/").unwrap();
+    assert_eq!(served_by(&body), pid);
+    let inode = listening_inode(port).expect("a socket listens");
+    assert!(socket_inodes(grace.pid()).contains(&inode), "grace's own");
+    assert!(socket_inodes(pid).contains(&inode), "the server's copy");
+    stop(grace);
+}
+
+/// A UDP server binding `0.0.0.0:P` does not get the dual-stack socket of `udp://:P` (its
+/// recvfrom would give it IPv6 senders cut to an IPv4 buffer): its bind fails, and the library
+/// says why.
+#[test]
+fn ipv4_udp_server_is_not_given_the_dual_stack_socket() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("udp://:{port}");
+    let bind = "import socket, sys\n\
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                s.bind(('0.0.0.0', int(sys.argv[1])))\n\
+                print('bound on its own', flush=True)\n";
+    let mut grace = Grace::start(&[
+        "run",
+        "--listen",
+        &listen,
+        "--ready",
+        "delay:200ms",
+        "--inject",
+        "always",
+        "--",
+        python(),
+        "-c",
+        bind,
+        &port.to_string(),
+    ]);
+    let line = grace.wait_line("but the addresses differ", T);
+    assert!(
+        line.contains(&format!(
+            "binds udp 0.0.0.0:{port}, which grace holds as udp [::]:{port}"
+        )),
+        "{line}"
+    );
+    assert!(line.contains(&format!("udp://0.0.0.0:{port}")), "{line}");
+    assert_eq!(grace.wait_exit(T).code(), Some(1), "{}", grace.describe());
+    assert!(
+        !grace.output().contains("bound on its own"),
+        "{}",
+        grace.describe()
+    );
 }
 
 /// Connects and sends a request, without reading the reply.
@@ -449,12 +569,7 @@ fn the_users_own_preload_library_still_loads() {
         loaded.contains(&pid.to_string()),
         "the user's library ran in the server: {loaded:?}"
     );
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    let preload = environ
-        .split(|&b| b == 0)
-        .find_map(|v| v.strip_prefix(b"LD_PRELOAD="))
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-        .unwrap();
+    let preload = preload_of(pid);
     assert!(
         preload.starts_with(&format!("{}:/proc/{}/fd/", library.display(), grace.pid())),
         "grace's library comes after the user's: {preload}"
