@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::listen::Listener;
-use crate::supervisor::{GenState, Millis, Outcome, Phase, Supervisor};
+use crate::supervisor::{Cause, GenState, Millis, Outcome, Phase, Supervisor};
 
 /// Everything the status shows, borrowed from the runtime.
 pub struct View<'a> {
@@ -127,6 +127,10 @@ fn uptime(ms: Millis) -> String {
 fn phase_name(phase: &Phase) -> &'static str {
     match phase {
         Phase::Idle => "running",
+        Phase::Starting {
+            cause: Cause::Initial,
+            ..
+        } => "starting",
         Phase::ReExec | Phase::Starting { .. } => "restarting",
         Phase::Backoff { .. } => "crashed",
         Phase::Stopping { .. } => "stopping",
@@ -172,6 +176,49 @@ pub fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn states_for_people_and_scripts() {
+        use crate::supervisor::{AliveRule, Event, Policy};
+        let mut sup = Supervisor::new(Policy {
+            ready_timeout: 1_000,
+            drain_timeout: 1_000,
+            alive: AliveRule::Explicit,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            max_draining: 1,
+            on_crash: crate::cli::OnCrash::Exit,
+        });
+        let view = |sup: &Supervisor| {
+            json(&View {
+                sup,
+                listeners: &[],
+                now: 0,
+                restarts: 0,
+            })
+        };
+        sup.step(0, Event::Start);
+        assert!(
+            view(&sup).contains("\"state\":\"starting\""),
+            "{}",
+            view(&sup)
+        );
+        sup.step(
+            0,
+            Event::Spawned {
+                generation: 1,
+                pid: 10,
+            },
+        );
+        sup.step(0, Event::Ready { generation: 1 });
+        let text = view(&sup);
+        assert!(text.contains("\"state\":\"running\""), "{text}");
+        assert!(
+            text.contains("\"current\":{\"generation\":1,\"pid\":10}"),
+            "{text}"
+        );
+        sup.step(0, Event::RestartRequested);
+        assert!(view(&sup).contains("\"state\":\"restarting\""));
+    }
 
     #[test]
     fn quoting() {
