@@ -12,6 +12,7 @@ mod notify;
 mod readiness;
 mod run;
 mod signals;
+mod spawn;
 mod status;
 mod supervisor;
 mod sys;

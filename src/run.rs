@@ -2,7 +2,7 @@
 //! timers into supervisor events, and carries out the actions that come back.
 
 use std::collections::VecDeque;
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsStr};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -18,7 +18,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tracing::{debug, error, info, warn};
 
-use crate::cli::{Compat, RunArgs};
+use crate::cli::RunArgs;
 use crate::control::{self, ControlSocket, Request};
 use crate::exit::{self, ExitError};
 use crate::handoff::{self, ClientRecord, ControlRecord, Record, SocketRecord};
@@ -27,33 +27,12 @@ use crate::listen::{BindOptions, Listener, SocketKind, bind_all};
 use crate::notify::{NotifySocket, lineage};
 use crate::readiness::{self, AUTO_DELAY, PROBE_INTERVAL, ReadyMode};
 use crate::signals::{SignalEvent, Signals, classify};
+use crate::spawn;
 use crate::status;
 use crate::supervisor::{
     Action, AliveRule, Cause, Event, GenId, GenState, Millis, Outcome, Phase, Policy, Supervisor,
 };
-use crate::sys::{self, ExecPlan};
-
-/// Variables grace sets for a generation, or that belong to grace itself: never passed through.
-const RESERVED_ENV: &[&str] = &[
-    "LISTEN_FDS",
-    "LISTEN_PID",
-    "LISTEN_FDNAMES",
-    "LISTEN_PIDFDID",
-    "NOTIFY_SOCKET",
-    "GRACE_GENERATION",
-    "GRACE_PROBE_ADDR",
-    handoff::ENV,
-    handoff::CHECK_ENV,
-    inject::ENV,
-];
-
-/// Milliseconds on CLOCK_MONOTONIC, which keeps counting across `execve` (unlike `Instant`, whose
-/// origin is private to one image).
-pub fn now() -> Millis {
-    let ts =
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("monotonic clock");
-    ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
-}
+use crate::sys::{self, now};
 
 /// A starting generation's readiness probe.
 struct Probe {
@@ -131,7 +110,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
         None => {
             sys::cloexec_inherited_fds();
-            inject::check(&args, &resolve_command(&args.command)?)?;
+            inject::check(&args, &spawn::resolve_command(&args.command)?)?;
             let opts = BindOptions {
                 backlog: args.backlog,
                 socket_mode: args.socket_mode,
@@ -209,42 +188,6 @@ fn grace_exe() -> PathBuf {
     resolved
         .or_else(|| std::env::current_exe().ok())
         .unwrap_or_else(|| PathBuf::from("/proc/self/exe"))
-}
-
-/// Finds the command in `PATH` (as a shell would), or fails with 127/126 and one line.
-fn resolve_command(command: &[OsString]) -> anyhow::Result<PathBuf> {
-    let program = &command[0];
-    let shown = program.to_string_lossy();
-    if program.as_bytes().contains(&b'/') {
-        let path = PathBuf::from(program);
-        return match std::fs::metadata(&path) {
-            Err(e) => Err(ExitError {
-                code: exit::NOT_FOUND,
-                message: format!("command {shown:?}: {e}"),
-            }
-            .into()),
-            Ok(m) if m.is_dir() => Err(ExitError {
-                code: exit::NOT_EXECUTABLE,
-                message: format!("command {shown:?} is a directory"),
-            }
-            .into()),
-            Ok(_) if nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK).is_err() => {
-                Err(ExitError {
-                    code: exit::NOT_EXECUTABLE,
-                    message: format!("command {shown:?} is not executable"),
-                }
-                .into())
-            }
-            Ok(_) => Ok(path),
-        };
-    }
-    which::which(program).map_err(|_| {
-        ExitError {
-            code: exit::NOT_FOUND,
-            message: format!("command {shown:?} not found in PATH"),
-        }
-        .into()
-    })
 }
 
 type Adopted = (
@@ -654,7 +597,7 @@ impl Runtime {
                         .generation(probe.generation)
                         .map(|g| g.pid)
                         .unwrap_or(0);
-                    match spawn_check(argv, probe.generation, pid) {
+                    match spawn::ready_check(argv, probe.generation, pid) {
                         // Reaped by `reap` like every other child.
                         Ok(check) => {
                             probe.exec_pid = Some(check);
@@ -752,7 +695,7 @@ impl Runtime {
             code,
         };
         // Re-resolved for every generation, so a newly installed server binary is picked up.
-        let program = match resolve_command(&self.args.command) {
+        let program = match spawn::resolve_command(&self.args.command) {
             Ok(p) => p,
             Err(e) => {
                 let code = e
@@ -770,44 +713,29 @@ impl Runtime {
             None
         };
 
-        let mut fds: Vec<i32> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
-        let mut names: Vec<&str> = self.listeners.iter().map(|l| l.name.as_str()).collect();
-        let mut env: Vec<CString> = std::env::vars_os()
-            .filter(|(k, _)| !RESERVED_ENV.iter().any(|r| OsStr::new(r) == k))
-            .filter_map(|(k, v)| env_entry(&k, &v))
-            .collect();
-        if let Some((l, addr)) = &probe_socket {
-            fds.push(l.as_raw_fd());
-            names.push("grace-probe");
-            env.extend(env_entry(
-                OsStr::new("GRACE_PROBE_ADDR"),
-                OsStr::new(&addr.to_string()),
-            ));
-        }
-        for (k, v) in [
-            ("LISTEN_FDS", fds.len().to_string()),
-            ("LISTEN_FDNAMES", names.join(":")),
-            ("NOTIFY_SOCKET", self.notify.name.clone()),
-            ("GRACE_GENERATION", generation.to_string()),
-        ] {
-            env.extend(env_entry(OsStr::new(k), OsStr::new(&v)));
-        }
-        for (k, v) in compat_env(&self.args.compat, &self.listeners, generation) {
-            env.extend(env_entry(OsStr::new(&k), OsStr::new(&v)));
-        }
+        let probe = probe_socket
+            .as_ref()
+            .map(|(l, addr)| (l.as_raw_fd(), *addr));
+        let (fds, mut env) = spawn::layout(
+            &self.listeners,
+            probe,
+            &self.notify.name,
+            generation,
+            &self.args.compat,
+        );
         if let Err(reason) = inject::apply(&self.args, &program, &self.listeners, &mut env) {
             return failed(reason, exit::FAILURE);
         }
-        let argv: Vec<CString> = self
-            .args
-            .command
-            .iter()
-            .filter_map(|a| CString::new(a.as_bytes()).ok())
-            .collect();
-        let Ok(program_c) = CString::new(program.as_os_str().as_bytes()) else {
-            return failed("the command path holds a NUL byte".into(), exit::FAILURE);
+        let mut plan = match spawn::plan(
+            &program,
+            &self.args.command,
+            env,
+            !self.args.no_listen_pid,
+            fds,
+        ) {
+            Ok(plan) => plan,
+            Err(reason) => return failed(reason, exit::FAILURE),
         };
-        let mut plan = ExecPlan::new(program_c, argv, env, !self.args.no_listen_pid, fds);
         match sys::spawn(&mut plan) {
             Ok(pid) => {
                 info!("started generation {generation}: {}", program.display());
@@ -843,7 +771,7 @@ impl Runtime {
                 sd_notify::NotifyState::Status("restarting"),
             ]);
         }
-        if let Err(reason) = check_new_binary(&self.grace_exe) {
+        if let Err(reason) = handoff::check_new_binary(&self.grace_exe) {
             return reason;
         }
         let sockets: Vec<SocketRecord> = self
@@ -906,9 +834,9 @@ impl Runtime {
             .collect();
         let mut env: Vec<CString> = std::env::vars_os()
             .filter(|(k, _)| k != handoff::ENV)
-            .filter_map(|(k, v)| env_entry(&k, &v))
+            .filter_map(|(k, v)| spawn::env_entry(&k, &v))
             .collect();
-        env.extend(env_entry(
+        env.extend(spawn::env_entry(
             OsStr::new(handoff::ENV),
             OsStr::new(&record.encode()),
         ));
@@ -942,39 +870,6 @@ impl Runtime {
     }
 }
 
-/// Starts an `exec:` ready check, through the same fork/exec as a generation (so it gets a clean
-/// signal state, not grace's blocked mask), with no sockets.
-fn spawn_check(argv: &[String], generation: GenId, pid: i32) -> Result<i32, String> {
-    let program = which::which(&argv[0])
-        .map_err(|_| format!("ready check {:?} not found in PATH", argv[0]))?;
-    let mut env = base_env();
-    env.extend(env_entry(
-        OsStr::new("GRACE_GENERATION"),
-        OsStr::new(&generation.to_string()),
-    ));
-    env.extend(env_entry(
-        OsStr::new("GRACE_PID"),
-        OsStr::new(&pid.to_string()),
-    ));
-    let argv: Vec<CString> = argv
-        .iter()
-        .filter_map(|a| CString::new(a.as_bytes()).ok())
-        .collect();
-    let program_c = CString::new(program.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    let mut plan = ExecPlan::new(program_c, argv, env, false, Vec::new());
-    sys::spawn(&mut plan)
-        .map(|p| p.as_raw())
-        .map_err(|e| format!("running ready check {}: {}", program.display(), e.desc()))
-}
-
-/// grace's own environment minus what grace sets or keeps for itself.
-fn base_env() -> Vec<CString> {
-    std::env::vars_os()
-        .filter(|(k, _)| !RESERVED_ENV.iter().any(|r| OsStr::new(r) == k))
-        .filter_map(|(k, v)| env_entry(&k, &v))
-        .collect()
-}
-
 /// Sends `states` to systemd when grace runs under it (`NOTIFY_SOCKET` in grace's own environment);
 /// a no-op otherwise.
 fn tell_systemd(states: &[sd_notify::NotifyState]) {
@@ -989,166 +884,4 @@ fn extend_systemd_timeout(wait: Duration) {
         .as_micros()
         .min(u32::MAX as u128) as u32;
     tell_systemd(&[sd_notify::NotifyState::ExtendTimeoutUsec(usec)]);
-}
-
-/// The variables another tool's servers expect (`--compat`), for sockets placed at 3, 4, …
-fn compat_env(
-    compat: &[Compat],
-    listeners: &[Listener],
-    generation: GenId,
-) -> Vec<(String, String)> {
-    let mut env = Vec::new();
-    for tool in compat {
-        match tool {
-            Compat::ServerStarter => {
-                // start_server's format: `PORT=FD` pairs joined by `;`, the port as it was given
-                // (`8080`, `127.0.0.1:8080`, or a unix socket path).
-                let ports: Vec<String> = listeners
-                    .iter()
-                    .enumerate()
-                    .map(|(i, l)| format!("{}={}", server_starter_port(l), 3 + i))
-                    .collect();
-                env.push(("SERVER_STARTER_PORT".into(), ports.join(";")));
-                env.push(("SERVER_STARTER_GENERATION".into(), generation.to_string()));
-            }
-            Compat::Einhorn => {
-                env.push(("EINHORN_FD_COUNT".into(), listeners.len().to_string()));
-                for i in 0..listeners.len() {
-                    env.push((format!("EINHORN_FD_{i}"), (3 + i).to_string()));
-                }
-            }
-        }
-    }
-    env
-}
-
-/// `8080` for a wildcard TCP socket, `host:port` for a specific one, the path for a unix socket.
-fn server_starter_port(l: &Listener) -> String {
-    let address = l.local.split_once(' ').map_or(l.local.as_str(), |(_, a)| a);
-    if l.local.starts_with("unix ") {
-        return address.to_string();
-    }
-    match address.rsplit_once(':') {
-        Some(("[::]" | "0.0.0.0", port)) => port.to_string(),
-        _ => address.to_string(),
-    }
-}
-
-/// Asks the binary on disk which handoff versions it reads, before betting the process on it.
-/// It runs with this process's own arguments, so a new binary that would not accept them is
-/// refused here too rather than after the `execve`, when the generations would be orphaned. A
-/// binary that hangs is given [`CHECK_TIMEOUT`].
-fn check_new_binary(exe: &Path) -> Result<(), String> {
-    let mut child = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env(handoff::CHECK_ENV, "1")
-        .env_remove(handoff::ENV)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
-    // Wait for its answer, bounded: the pipes close when it exits. (No sleep-and-poll of the
-    // child: that added most of a millisecond to every restart.)
-    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err("the handoff check has no pipes".into());
-    };
-    let mut out = Pipe::new(stdout);
-    let mut err = Pipe::new(stderr);
-    let deadline = now() + CHECK_TIMEOUT;
-    while out.open || err.open {
-        let left = deadline.saturating_sub(now());
-        let mut fds: Vec<PollFd> = [(out.open, out.fd()), (err.open, err.fd())]
-            .into_iter()
-            .filter(|(open, _)| *open)
-            .map(|(_, fd)| PollFd::new(fd, PollFlags::POLLIN))
-            .collect();
-        let ready = poll(
-            &mut fds,
-            PollTimeout::try_from(left).unwrap_or(PollTimeout::ZERO),
-        );
-        drop(fds);
-        if left == 0 || matches!(ready, Ok(0)) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "{} did not answer the handoff check",
-                exe.display()
-            ));
-        }
-        // Non-blocking reads: whichever pipe is ready gives data or end-of-file.
-        out.read_some();
-        err.read_some();
-    }
-    let status = child
-        .wait()
-        .map_err(|e| format!("waiting for the handoff check: {e}"))?;
-    let (out, err) = (out.text, err.text);
-    let readable = out
-        .split_whitespace()
-        .any(|v| v == handoff::VERSION.to_string());
-    if status.success() && readable {
-        return Ok(());
-    }
-    match err.lines().next() {
-        Some(line) if !status.success() => Err(format!(
-            "{} refuses this command line: {line}",
-            exe.display()
-        )),
-        _ => Err(format!(
-            "{} cannot adopt handoff version {} (it reads {:?})",
-            exe.display(),
-            handoff::VERSION,
-            out.trim()
-        )),
-    }
-}
-
-/// One output pipe of the handoff check, read without blocking.
-struct Pipe<R> {
-    reader: R,
-    text: String,
-    open: bool,
-}
-
-impl<R: std::io::Read + AsFd> Pipe<R> {
-    fn new(reader: R) -> Self {
-        // A pipe that is not ready must not stall grace.
-        let _ = nix::fcntl::fcntl(
-            reader.as_fd(),
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        );
-        Self {
-            reader,
-            text: String::new(),
-            open: true,
-        }
-    }
-
-    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.reader.as_fd()
-    }
-
-    fn read_some(&mut self) {
-        if !self.open {
-            return;
-        }
-        let mut buf = [0u8; 4096];
-        match self.reader.read(&mut buf) {
-            Ok(0) => self.open = false,
-            Ok(n) => self.text.push_str(&String::from_utf8_lossy(&buf[..n])),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => self.open = false,
-        }
-    }
-}
-
-/// How long the new binary may take to answer the handoff check.
-const CHECK_TIMEOUT: Millis = 5_000;
-
-fn env_entry(key: &OsStr, value: &OsStr) -> Option<CString> {
-    let mut bytes = key.as_bytes().to_vec();
-    bytes.push(b'=');
-    bytes.extend_from_slice(value.as_bytes());
-    CString::new(bytes).ok()
 }

@@ -298,6 +298,14 @@ pub fn unignore(signal: nix::sys::signal::Signal) -> Result<(), Errno> {
     Ok(())
 }
 
+/// Milliseconds on CLOCK_MONOTONIC, which keeps counting across `execve` (unlike `Instant`, whose
+/// origin is private to one image).
+pub fn now() -> u64 {
+    let ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("monotonic clock");
+    ts.tv_sec() as u64 * 1000 + ts.tv_nsec() as u64 / 1_000_000
+}
+
 /// Makes grace the reaper of its descendants' orphans (PID 1 is one already).
 pub fn become_subreaper() -> Result<(), Errno> {
     // SAFETY: prctl with an integer argument touches no memory of ours.
