@@ -1,5 +1,8 @@
 //! grace: zero-downtime restarts for any server.
 
+// Every `unsafe` block (all in sys.rs) says why it is sound.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod cli;
 mod client;
 mod control;

@@ -137,7 +137,8 @@ unsafe fn child_exec(
     scratch: &mut [RawFd],
     report: RawFd,
 ) -> ! {
-    // SAFETY (whole body): only async-signal-safe system calls on prepared memory.
+    // SAFETY: the whole body makes only async-signal-safe system calls, on memory the parent
+    // prepared before the fork (nothing here allocates or takes a lock).
     unsafe {
         // Own process group, so that grace can signal or kill the whole generation.
         libc::setpgid(0, 0);

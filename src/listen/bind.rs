@@ -8,7 +8,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, ToSocketAddrs};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -308,12 +308,12 @@ fn adopt(fd: RawFd, name: String, spec: &ListenSpec) -> Result<Listener> {
         }
     }
 
-    // SAFETY: `fd` is open (checked above) and was inherited across exec, so it belongs to no
-    // object in this process: bind_all runs before grace opens anything else, check_duplicates
-    // and check_systemd_overlap refused specs that name one fd twice, and inherited fds are taken
-    // before anything is bound. This is the one `unsafe` outside sys.rs; it could move there as an
-    // `adopt_inherited_fd(RawFd) -> OwnedFd` helper.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // `fd` was inherited across exec, so it belongs to no object in this process: bind_all runs
+    // before grace opens anything else, check_duplicates and check_systemd_overlap refused specs
+    // that name one fd twice, and inherited fds are taken before anything is bound.
+    let owned = crate::sys::adopt_fd(fd)
+        .map_err(os)
+        .context("taking it over")?;
 
     let (kind, local) = match inspect_inherited(&owned) {
         Ok(found) => found,
