@@ -105,19 +105,12 @@ pub fn lineage(pid: i32) -> Vec<i32> {
     let mut current = pid;
     for _ in 0..16 {
         out.push(current);
-        match parent_of(current) {
+        match crate::sys::parent_of(current) {
             Some(parent) if parent > 1 => current = parent,
             _ => break,
         }
     }
     out
-}
-
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(1)?.parse().ok()
 }
 
 #[cfg(test)]

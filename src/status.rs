@@ -11,14 +11,13 @@ pub struct View<'a> {
     pub sup: &'a Supervisor,
     pub listeners: &'a [Listener],
     pub now: Millis,
-    pub restarts: u64,
 }
 
 pub fn json(v: &View<'_>) -> String {
     let mut s = String::new();
-    let phase = phase_name(&v.sup.phase);
+    let phase = phase_name(v.sup.phase());
     let _ = write!(s, "{{\"pid\":{},\"state\":\"{phase}\"", std::process::id());
-    match v.sup.current.and_then(|id| v.sup.generation(id)) {
+    match v.sup.current() {
         Some(g) => {
             let _ = write!(
                 s,
@@ -29,7 +28,7 @@ pub fn json(v: &View<'_>) -> String {
         None => s.push_str(",\"current\":null"),
     }
     s.push_str(",\"generations\":[");
-    for (i, g) in v.sup.gens.iter().enumerate() {
+    for (i, g) in v.sup.generations().iter().enumerate() {
         let state = state_name(&g.state);
         let uptime = v.now.saturating_sub(g.started) as f64 / 1000.0;
         let _ = write!(
@@ -50,8 +49,8 @@ pub fn json(v: &View<'_>) -> String {
             quote(&l.local)
         );
     }
-    let _ = write!(s, "],\"restarts\":{},\"last_restart\":", v.restarts);
-    match &v.sup.last_outcome {
+    let _ = write!(s, "],\"restarts\":{},\"last_restart\":", v.sup.restarts());
+    match v.sup.last_outcome() {
         None => s.push_str("null"),
         Some(Outcome::Ready {
             generation, pid, ..
@@ -81,10 +80,10 @@ pub fn text(v: &View<'_>) -> String {
     let mut s = format!(
         "grace (pid {}): {}\n",
         std::process::id(),
-        phase_name(&v.sup.phase)
+        phase_name(v.sup.phase())
     );
-    for g in &v.sup.gens {
-        let current = if v.sup.current == Some(g.id) {
+    for g in v.sup.generations() {
+        let current = if v.sup.current().map(|c| c.id) == Some(g.id) {
             "  (current)"
         } else {
             ""
@@ -101,7 +100,7 @@ pub fn text(v: &View<'_>) -> String {
     for l in v.listeners {
         let _ = writeln!(s, "  listening on {} ({})", l.local, l.name);
     }
-    let last = match &v.sup.last_outcome {
+    let last = match v.sup.last_outcome() {
         None => "none".to_string(),
         Some(Outcome::Ready {
             generation, pid, ..
@@ -111,7 +110,7 @@ pub fn text(v: &View<'_>) -> String {
         }
         Some(Outcome::Failed { reason }) => format!("failed: {reason}"),
     };
-    let _ = write!(s, "  restarts: {}, last: {last}", v.restarts);
+    let _ = write!(s, "  restarts: {}, last: {last}", v.sup.restarts());
     s
 }
 
@@ -166,11 +165,53 @@ pub fn quote(text: &str) -> String {
     out
 }
 
-/// Writes `text` to `path` atomically (a reader never sees half a file).
+/// Writes `text` to `path` atomically (a reader never sees half a file), through a temporary file
+/// in the same directory with an unpredictable name, created exclusively and never through a
+/// symlink (`O_EXCL | O_NOFOLLOW`), then renamed over `path` (which replaces a symlink there
+/// rather than following it).
 pub fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut attempts = 0;
+    let (tmp, mut file) = loop {
+        let tmp = path.with_file_name(format!(".{name}.{:016x}", unpredictable()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .mode(0o644)
+            .open(&tmp)
+        {
+            Ok(file) => break (tmp, file),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 16 => {
+                attempts += 1
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_data());
+    let result = written.and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// 64 bits nobody can guess in advance, from the kernel's random pool.
+fn unpredictable() -> u64 {
+    use std::io::Read as _;
+    let mut buf = [0u8; 8];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)) {
+        Ok(()) => u64::from_ne_bytes(buf),
+        // No /dev/urandom (an empty chroot): the clock, with O_EXCL still refusing anything
+        // planted at the name.
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64),
+    }
 }
 
 #[cfg(test)]
@@ -186,6 +227,9 @@ mod tests {
             alive: AliveRule::Explicit,
             stop_signal: nix::sys::signal::Signal::SIGTERM,
             max_draining: 1,
+            max_waiting: 1,
+            notify_ready: true,
+            probe: false,
             on_crash: crate::cli::OnCrash::Exit,
         });
         let view = |sup: &Supervisor| {
@@ -193,7 +237,6 @@ mod tests {
                 sup,
                 listeners: &[],
                 now: 0,
-                restarts: 0,
             })
         };
         sup.step(0, Event::Start);
@@ -209,14 +252,14 @@ mod tests {
                 pid: 10,
             },
         );
-        sup.step(0, Event::Ready { generation: 1 });
+        sup.step(0, Event::ProbePassed { generation: 1 });
         let text = view(&sup);
         assert!(text.contains("\"state\":\"running\""), "{text}");
         assert!(
             text.contains("\"current\":{\"generation\":1,\"pid\":10}"),
             "{text}"
         );
-        sup.step(0, Event::RestartRequested);
+        sup.step(0, Event::RestartSignal);
         assert!(view(&sup).contains("\"state\":\"restarting\""));
     }
 

@@ -362,6 +362,49 @@ pub fn adopt_fd(fd: RawFd) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Whether `fd` is an open descriptor of this process.
+pub fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD on a number reads its flags (or fails with EBADF), touching no memory.
+    fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
+}
+
+/// The parent of `pid`, from `/proc` (a zombie keeps its parent until it is reaped).
+pub fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
+}
+
+/// A pidfd for `pid` (Linux 5.3+), close-on-exec. Signals sent through it reach that process or
+/// nobody: once it is reaped, a recycled pid is a different process.
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes two integers and returns a new fd (or -1) that we now own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    Errno::result(fd).map(|fd| {
+        // SAFETY: the kernel returned a fresh descriptor owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+    })
+}
+
+/// Sends `signal` through a pidfd; `ESRCH` once the process has exited.
+pub fn pidfd_send_signal(
+    pidfd: BorrowedFd<'_>,
+    signal: nix::sys::signal::Signal,
+) -> Result<(), Errno> {
+    // SAFETY: a null siginfo asks the kernel to fill it in as kill(2) would; no memory is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
 /// Whether the file at `path` has the extended attribute `name` (`false` on a filesystem without
 /// extended attributes).
 pub fn has_xattr(path: &std::path::Path, name: &CStr) -> Result<bool, Errno> {

@@ -399,7 +399,9 @@ fn sigterm_right_behind_sigusr2_is_not_lost_in_the_reexec() {
 #[test]
 fn a_crash_seen_in_the_same_wakeup_as_a_restart_is_not_lost() {
     use nix::sys::signal::Signal::*;
-    let s = start(&[]);
+    // Exits are handled before the signals of the same wake-up: the crash comes first, and
+    // under `--on-crash restart` the restart then replaces the crashed generation.
+    let s = start(&["--on-crash", "restart"]);
     let server = s.grace.serving_pids()[0];
     signal_pid(s.grace.pid(), SIGSTOP);
     signal_pid(server, SIGKILL);
@@ -408,8 +410,8 @@ fn a_crash_seen_in_the_same_wakeup_as_a_restart_is_not_lost() {
     });
     signal_pid(s.grace.pid(), SIGUSR2);
     signal_pid(s.grace.pid(), SIGCONT);
-    // The exit is handled before the re-exec (not forgotten by it); it happened during a
-    // restart, so the restart goes on and its generation takes over.
+    // The exit is handled before the re-exec (not forgotten by it), and the restart's
+    // generation takes over.
     s.grace
         .wait_line(&format!("(pid {server}) exited with status 137"), T);
     s.grace.wait_line_count(") is serving", 2, T);
@@ -426,6 +428,29 @@ fn a_crash_seen_in_the_same_wakeup_as_a_restart_is_not_lost() {
         status["generations"].as_array().unwrap().len(),
         1,
         "{status}"
+    );
+}
+
+#[test]
+fn a_crash_seen_in_the_same_wakeup_as_a_restart_exits_under_on_crash_exit() {
+    use nix::sys::signal::Signal::*;
+    let mut s = start(&[]);
+    let server = s.grace.serving_pids()[0];
+    signal_pid(s.grace.pid(), SIGSTOP);
+    signal_pid(server, SIGKILL);
+    wait_for("the server to die", T, || {
+        (proc_state(server) == Some('Z')).then_some(())
+    });
+    signal_pid(s.grace.pid(), SIGUSR2);
+    signal_pid(s.grace.pid(), SIGCONT);
+    // The crash was first: grace exits with its status and never re-executes around it.
+    let status = s.grace.wait_exit(T);
+    assert_eq!(status.code(), Some(137), "{}", s.grace.describe());
+    assert_eq!(
+        s.grace.count_lines("re-executing"),
+        0,
+        "{}",
+        s.grace.describe()
     );
 }
 

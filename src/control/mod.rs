@@ -1,0 +1,165 @@
+//! Restart, status and stop requests to a running grace, and their replies.
+//!
+//! A running grace listens on a Unix stream socket: always on the abstract address
+//! `@grace/control/<pid>` (so `--pid-file`, or plain PID 1 in a container, is enough to find it), and
+//! on `--control PATH` (mode 0600) when asked. Only the same user or root may talk to it
+//! (`SO_PEERCRED`). The protocol is one request line (`restart`, `status`, `stop`) and reply lines:
+//!
+//! | request | reply |
+//! |---|---|
+//! | `restart` | after the restart that includes this request: `ok generation=N pid=P` or `failed REASON` |
+//! | `status` | the status JSON on one line |
+//! | `status text` | the status for people, then end-of-file |
+//! | `stop` | `stopping`, then end-of-file once grace has exited |
+
+mod server;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+pub use server::ControlServer;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Restart,
+    /// The status JSON on one line.
+    Status,
+    /// The status for people, several lines.
+    StatusText,
+    Stop,
+}
+
+impl Request {
+    pub fn parse(line: &str) -> Option<Self> {
+        match line.trim() {
+            "restart" => Some(Request::Restart),
+            "status" => Some(Request::Status),
+            "status text" => Some(Request::StatusText),
+            "stop" => Some(Request::Stop),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Request::Restart => "restart",
+            Request::Status => "status",
+            Request::StatusText => "status text",
+            Request::Stop => "stop",
+        }
+    }
+}
+
+/// The abstract address of the control socket of the grace with this pid.
+pub fn abstract_name(pid: i32) -> String {
+    format!("grace/control/{pid}")
+}
+
+/// Where the client finds the running grace.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Path(PathBuf),
+    Pid(i32),
+}
+
+impl Target {
+    pub fn connect(&self) -> anyhow::Result<UnixStream> {
+        match self {
+            Target::Path(path) => UnixStream::connect(path)
+                .with_context(|| format!("connecting to the control socket {}", path.display())),
+            Target::Pid(pid) => {
+                let name = abstract_name(*pid);
+                let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+                UnixStream::connect_addr(&addr).with_context(|| {
+                    format!("connecting to grace (pid {pid}) on @{name}; is it running, and in this network namespace?")
+                })
+            }
+        }
+    }
+}
+
+/// Sends `request` and returns the stream to read the reply from, with `timeout` for each read.
+pub fn send(target: &Target, request: Request, timeout: Duration) -> anyhow::Result<Client> {
+    let mut stream = target.connect()?;
+    let sent = stream.write_all(format!("{}\n", request.as_str()).as_bytes());
+    let mut client = Client {
+        reader: BufReader::new(stream),
+        deadline: Instant::now() + timeout,
+        early: None,
+    };
+    if let Err(e) = sent {
+        // grace may have answered (a refusal) and hung up before the request went out: that
+        // answer says more than the failed write.
+        return match client.line() {
+            Ok(Some(line)) => Ok(Client::with_reply(client, line)),
+            _ => Err(e).context("sending the request"),
+        };
+    }
+    Ok(client)
+}
+
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    deadline: Instant,
+    /// A reply already read.
+    early: Option<String>,
+}
+
+impl Client {
+    fn with_reply(mut client: Client, line: String) -> Client {
+        client.early = Some(line);
+        client
+    }
+
+    /// The next reply line, or `None` at end-of-file.
+    pub fn line(&mut self) -> anyhow::Result<Option<String>> {
+        if let Some(line) = self.early.take() {
+            return Ok(Some(line));
+        }
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!("no answer in time");
+        }
+        self.reader.get_ref().set_read_timeout(Some(left))?;
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(line.trim_end().to_string())),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                bail!("no answer in time")
+            }
+            Err(e) => Err(e).context("reading the reply"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests() {
+        assert_eq!(Request::parse("restart\n"), Some(Request::Restart));
+        assert_eq!(Request::parse("status"), Some(Request::Status));
+        assert_eq!(Request::parse(" stop \n"), Some(Request::Stop));
+        assert_eq!(Request::parse("reboot"), None);
+        for r in [
+            Request::Restart,
+            Request::Status,
+            Request::StatusText,
+            Request::Stop,
+        ] {
+            assert_eq!(Request::parse(r.as_str()), Some(r));
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The handoff check: before re-executing, grace asks the binary on disk which record versions it
+//! can adopt, with this process's own arguments.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use super::{CHECK_ENV, ENV, VERSION};
+use crate::supervisor::Millis;
+use crate::sys::now;
+
+/// Asks the binary on disk which handoff versions it reads, before betting the process on it.
+/// It runs with this process's own arguments, so a new binary that would not accept them is
+/// refused here too rather than after the `execve`, when the generations would be orphaned. A
+/// binary that hangs is given [`CHECK_TIMEOUT`].
+pub fn check_new_binary(exe: &Path) -> Result<(), String> {
+    let mut child = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(CHECK_ENV, "1")
+        .env_remove(ENV)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    // Wait for its answer, bounded: the pipes close when it exits. (No sleep-and-poll of the
+    // child: that added most of a millisecond to every restart.)
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err("the handoff check has no pipes".into());
+    };
+    let mut out = Pipe::new(stdout);
+    let mut err = Pipe::new(stderr);
+    let deadline = now() + CHECK_TIMEOUT;
+    while out.open || err.open {
+        let left = deadline.saturating_sub(now());
+        let mut fds: Vec<PollFd> = [(out.open, out.fd()), (err.open, err.fd())]
+            .into_iter()
+            .filter(|(open, _)| *open)
+            .map(|(_, fd)| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
+        let ready = poll(
+            &mut fds,
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::ZERO),
+        );
+        drop(fds);
+        if left == 0 || matches!(ready, Ok(0)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{} did not answer the handoff check",
+                exe.display()
+            ));
+        }
+        // Non-blocking reads: whichever pipe is ready gives data or end-of-file.
+        out.read_some();
+        err.read_some();
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for the handoff check: {e}"))?;
+    let (out, err) = (out.text, err.text);
+    let readable = out.split_whitespace().any(|v| v == VERSION.to_string());
+    if status.success() && readable {
+        return Ok(());
+    }
+    match err.lines().next() {
+        Some(line) if !status.success() => Err(format!(
+            "{} refuses this command line: {line}",
+            exe.display()
+        )),
+        _ => Err(format!(
+            "{} cannot adopt handoff version {} (it reads {:?})",
+            exe.display(),
+            VERSION,
+            out.trim()
+        )),
+    }
+}
+
+/// One output pipe of the handoff check, read without blocking.
+struct Pipe<R> {
+    reader: R,
+    text: String,
+    open: bool,
+}
+
+impl<R: std::io::Read + AsFd> Pipe<R> {
+    fn new(reader: R) -> Self {
+        // A pipe that is not ready must not stall grace.
+        let _ = nix::fcntl::fcntl(
+            reader.as_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        Self {
+            reader,
+            text: String::new(),
+            open: true,
+        }
+    }
+
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.reader.as_fd()
+    }
+
+    fn read_some(&mut self) {
+        if !self.open {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        match self.reader.read(&mut buf) {
+            Ok(0) => self.open = false,
+            Ok(n) => self.text.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => self.open = false,
+        }
+    }
+}
+
+/// How long the new binary may take to answer the handoff check.
+const CHECK_TIMEOUT: Millis = 5_000;

@@ -1,0 +1,244 @@
+//! The versioned record one grace image hands to the next across `execve`.
+//!
+//! It travels in the `GRACE_HANDOFF` environment variable of the new image only (it is never
+//! passed on to a server), as lines of space-separated fields ([`codec`]). It holds the
+//! supervisor's whole state and one `fd` line per descriptor that survives the exec, with the
+//! [`Role`] that says what it is. A new field may be added to a version as long as the decoder
+//! skips unknown keys; anything that changes the meaning of an existing one needs a new version.
+//! The new image checks the record against the system ([`Record::validate`]) before it trusts any
+//! of it: a record that names pid -1 must not become `kill(-1, SIGTERM)`.
+//!
+//! Before re-executing, the old image runs the new binary with its own arguments and
+//! `GRACE_HANDOFF_CHECK=1` ([`check::check_new_binary`]): the binary parses them, prints the
+//! versions it can adopt, and exits.
+
+mod check;
+pub mod codec;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+pub use check::check_new_binary;
+use codec::{Fields, esc, opt_text};
+
+use crate::listen::SocketKind;
+use crate::supervisor::{ClientId, Millis, STATE_KEYS, State};
+
+/// Version 2: the supervisor's whole state, and one `fd` line per descriptor with its role.
+pub const VERSION: u32 = 2;
+/// Versions this binary can adopt.
+pub const READABLE: &[u32] = &[2];
+pub const ENV: &str = "GRACE_HANDOFF";
+/// Set for the check run of a new binary (see the module documentation).
+pub const CHECK_ENV: &str = "GRACE_HANDOFF_CHECK";
+
+/// What a descriptor that survives the exec is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A `--listen` socket.
+    Listener {
+        kind: SocketKind,
+        name: String,
+        /// The bound address as people see it.
+        local: String,
+        spec: String,
+        /// A socket file grace created, removed at final exit.
+        unix_path: Option<PathBuf>,
+    },
+    /// The `NOTIFY_SOCKET` of every generation.
+    Notify { name: String },
+    /// A control socket.
+    Control {
+        display: String,
+        path: Option<PathBuf>,
+    },
+    /// A connected control client: its request so far, until `deadline` (or waiting for a
+    /// restart's outcome, when the supervisor's state names it).
+    Client {
+        id: ClientId,
+        partial: String,
+        deadline: Millis,
+    },
+    /// The memfd of grace's socket library (`--inject`), which running generations load by its
+    /// fd number.
+    Library,
+    /// A pidfd of a generation's leader.
+    Pidfd { pid: i32 },
+}
+
+/// One descriptor that survives the exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Carried {
+    pub fd: i32,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub state: State,
+    pub fds: Vec<Carried>,
+}
+
+impl Record {
+    pub fn encode(&self) -> String {
+        let mut s = format!("grace-handoff {VERSION}\n");
+        self.state.encode(&mut s);
+        for Carried { fd, role } in &self.fds {
+            let role = match role {
+                Role::Listener {
+                    kind,
+                    name,
+                    local,
+                    spec,
+                    unix_path,
+                } => format!(
+                    "listener {kind} {} {} {} {}",
+                    esc(name),
+                    esc(local),
+                    esc(spec),
+                    opt_text(unix_path.as_ref().and_then(|p| p.to_str()))
+                ),
+                Role::Notify { name } => format!("notify {}", esc(name)),
+                Role::Control { display, path } => format!(
+                    "control {} {}",
+                    esc(display),
+                    opt_text(path.as_ref().and_then(|p| p.to_str()))
+                ),
+                Role::Client {
+                    id,
+                    partial,
+                    deadline,
+                } => format!("client {id} {} {deadline}", esc(partial)),
+                Role::Library => "library".to_string(),
+                Role::Pidfd { pid } => format!("pidfd {pid}"),
+            };
+            let _ = writeln!(s, "fd {fd} {role}");
+        }
+        s
+    }
+
+    /// Parses a record; it is not to be trusted until [`Record::validate`] passed.
+    pub fn decode(text: &str) -> Result<Self, String> {
+        let mut lines = text.lines();
+        let header = lines.next().unwrap_or_default();
+        let version = header
+            .strip_prefix("grace-handoff ")
+            .and_then(|v| v.parse::<u32>().ok())
+            .ok_or_else(|| format!("handoff record: bad header {header:?}"))?;
+        if !READABLE.contains(&version) {
+            return Err(format!(
+                "handoff record version {version} is not supported (this grace reads {READABLE:?})"
+            ));
+        }
+        let mut state_lines = Vec::new();
+        let mut fds = Vec::new();
+        for line in lines {
+            let f = Fields::new(line);
+            match f.key() {
+                key if STATE_KEYS.contains(&key) => state_lines.push(f),
+                "fd" => fds.push(Carried {
+                    fd: f.num(1)?,
+                    role: role_of(&f)?,
+                }),
+                // A key added by a newer image of the same version: not ours to interpret.
+                _ => {}
+            }
+        }
+        Ok(Record {
+            state: State::decode(state_lines)?,
+            fds,
+        })
+    }
+
+    /// Checks the record against this process before anything in it is used: every fd is ≥ 3,
+    /// named once and open; there is one notify socket; every generation's pid is > 1, and one
+    /// whose leader has not been reaped is a child of this process; pidfds and waiting clients
+    /// belong to what the record names.
+    pub fn validate(&self) -> Result<(), String> {
+        let refuse = |why: String| Err(format!("handoff record refused: {why}"));
+        let mut seen = Vec::new();
+        for c in &self.fds {
+            if c.fd < 3 {
+                return refuse(format!("fd {} is below 3", c.fd));
+            }
+            if seen.contains(&c.fd) {
+                return refuse(format!("fd {} is named twice", c.fd));
+            }
+            seen.push(c.fd);
+            if !crate::sys::fd_is_open(c.fd) {
+                return refuse(format!("fd {} is not open", c.fd));
+            }
+        }
+        let notify = self
+            .fds
+            .iter()
+            .filter(|c| matches!(c.role, Role::Notify { .. }))
+            .count();
+        if notify != 1 {
+            return refuse(format!("{notify} notify sockets (expected 1)"));
+        }
+        self.state.check().or_else(refuse)?;
+        let me = std::process::id() as i32;
+        let own_group = nix::unistd::getpgrp().as_raw();
+        let pids: Vec<(u64, i32, bool)> = self.state.pids().collect();
+        for &(generation, pid, leader_alive) in &pids {
+            if pid <= 1 || pid == me || pid == own_group {
+                return refuse(format!("generation {generation} names pid {pid}"));
+            }
+            if leader_alive && crate::sys::parent_of(pid) != Some(me) {
+                return refuse(format!(
+                    "generation {generation}'s pid {pid} is not a child of this process"
+                ));
+            }
+        }
+        for c in &self.fds {
+            if let Role::Pidfd { pid } = c.role
+                && !pids.iter().any(|&(_, p, _)| p == pid)
+            {
+                return refuse(format!("pidfd {} is for pid {pid}, not a generation", c.fd));
+            }
+        }
+        let clients: Vec<ClientId> = self
+            .fds
+            .iter()
+            .filter_map(|c| match c.role {
+                Role::Client { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        if let Some(id) = self.state.clients().find(|id| !clients.contains(id)) {
+            return refuse(format!("waiting client {id} has no fd"));
+        }
+        Ok(())
+    }
+}
+
+fn role_of(f: &Fields<'_>) -> Result<Role, String> {
+    let path =
+        |i: usize| -> Result<Option<PathBuf>, String> { Ok(f.opt_text(i)?.map(PathBuf::from)) };
+    Ok(match f.word(2)? {
+        "listener" => Role::Listener {
+            kind: f.word(3)?.parse().map_err(|_| f.bad())?,
+            name: f.text(4)?,
+            local: f.text(5)?,
+            spec: f.text(6)?,
+            unix_path: path(7)?,
+        },
+        "notify" => Role::Notify { name: f.text(3)? },
+        "control" => Role::Control {
+            display: f.text(3)?,
+            path: path(4)?,
+        },
+        "client" => Role::Client {
+            id: f.num(3)?,
+            partial: f.text(4)?,
+            deadline: f.num(5)?,
+        },
+        "library" => Role::Library,
+        "pidfd" => Role::Pidfd { pid: f.num(3)? },
+        _ => return Err(f.bad()),
+    })
+}
+
+#[cfg(test)]
+mod tests;

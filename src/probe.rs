@@ -1,0 +1,543 @@
+//! Readiness probes (`http`, `tcp`, `exec`) as non-blocking state in the poll set.
+//!
+//! One attempt is a connect, a request and the status line (`http`), a connection the server
+//! accepts (`tcp`), or a check command that exits (`exec`); each attempt has [`ATTEMPT_TIME`],
+//! and a failed one is tried again [`INTERVAL`] later, until the supervisor ends the probe (the
+//! generation is ready, rolled back at `--ready-timeout`, or stopped). The loop waits on the
+//! probe's socket or its next deadline; it never waits *for* it.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::poll::PollFlags;
+use nix::sys::signal::{Signal, kill};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrStorage, connect, getsockopt, socket, sockopt,
+};
+use nix::unistd::Pid;
+
+use crate::readiness::ReadyMode;
+use crate::spawn;
+use crate::supervisor::{Event, GenId, Millis};
+
+/// Pause between two attempts.
+pub const INTERVAL: Millis = 100;
+/// One attempt (connect, request and reply) over loopback may take this long.
+pub const ATTEMPT_TIME: Millis = 1_000;
+/// How often a `tcp` attempt looks at the accept queue once connected.
+const QUEUE_CHECK: Millis = 5;
+
+enum Attempt {
+    /// The next attempt starts at `next_at`.
+    Idle {
+        next_at: Millis,
+    },
+    Connecting {
+        stream: TcpStream,
+        deadline: Millis,
+    },
+    /// `http`: the request went out; reading the status line.
+    Reading {
+        stream: TcpStream,
+        head: Vec<u8>,
+        deadline: Millis,
+    },
+    /// `tcp`: connected; waiting for the server to take the connection from the queue.
+    Accepting {
+        _stream: TcpStream,
+        check_at: Millis,
+        deadline: Millis,
+    },
+    /// `exec`: the check runs; it ends when it is reaped.
+    Running {
+        pid: i32,
+    },
+}
+
+struct Probe {
+    generation: GenId,
+    /// The generation's leader (for `exec`'s `GRACE_PID`).
+    pid: i32,
+    /// The generation's private loopback socket (`http`, `tcp`): grace holds a copy until the
+    /// probe ends.
+    socket: Option<(TcpListener, SocketAddr)>,
+    attempt: Attempt,
+}
+
+pub struct Probes {
+    mode: ReadyMode,
+    items: Vec<Probe>,
+}
+
+impl Probes {
+    pub fn new(mode: ReadyMode) -> Self {
+        Self {
+            mode,
+            items: Vec::new(),
+        }
+    }
+
+    /// The private probe socket for a generation about to be spawned, if the mode needs one.
+    pub fn prepare(&mut self, generation: GenId) -> Result<Option<(RawFd, SocketAddr)>, String> {
+        if !self.mode.needs_probe_socket() {
+            return Ok(None);
+        }
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| format!("binding its probe socket: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("binding its probe socket: {e}"))?;
+        let fd = listener.as_raw_fd();
+        self.items.push(Probe {
+            generation,
+            pid: 0,
+            socket: Some((listener, addr)),
+            attempt: Attempt::Idle {
+                next_at: Millis::MAX,
+            },
+        });
+        Ok(Some((fd, addr)))
+    }
+
+    /// Starts probing a spawned generation.
+    pub fn start(&mut self, generation: GenId, pid: i32, now: Millis) {
+        match self.items.iter_mut().find(|p| p.generation == generation) {
+            Some(p) => {
+                p.pid = pid;
+                p.attempt = Attempt::Idle { next_at: now };
+            }
+            None => self.items.push(Probe {
+                generation,
+                pid,
+                socket: None,
+                attempt: Attempt::Idle { next_at: now },
+            }),
+        }
+    }
+
+    /// Stops probing a generation: its socket closes and a check still running is killed.
+    pub fn end(&mut self, generation: GenId) {
+        self.items.retain(|p| {
+            if p.generation != generation {
+                return true;
+            }
+            if let Attempt::Running { pid } = p.attempt {
+                // Reaped like every other child.
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            false
+        });
+    }
+
+    pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
+        self.items
+            .iter()
+            .filter_map(|p| match &p.attempt {
+                Attempt::Connecting { stream, .. } => Some((stream.as_fd(), PollFlags::POLLOUT)),
+                Attempt::Reading { stream, .. } => Some((stream.as_fd(), PollFlags::POLLIN)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn next_deadline(&self) -> Option<Millis> {
+        self.items
+            .iter()
+            .filter_map(|p| match p.attempt {
+                Attempt::Idle { next_at } => Some(next_at),
+                Attempt::Connecting { deadline, .. } | Attempt::Reading { deadline, .. } => {
+                    Some(deadline)
+                }
+                Attempt::Accepting {
+                    check_at, deadline, ..
+                } => Some(check_at.min(deadline)),
+                Attempt::Running { .. } => None,
+            })
+            .min()
+    }
+
+    /// An `exec` check was reaped: its verdict, if `pid` was one.
+    pub fn reaped(&mut self, pid: i32, code: i32, now: Millis) -> Option<Event> {
+        let p = self
+            .items
+            .iter_mut()
+            .find(|p| matches!(p.attempt, Attempt::Running { pid: running } if running == pid))?;
+        p.attempt = Attempt::Idle {
+            next_at: now + INTERVAL,
+        };
+        Some(if code == 0 {
+            Event::ProbePassed {
+                generation: p.generation,
+            }
+        } else {
+            Event::ProbeFailed {
+                generation: p.generation,
+                error: format!("ready check exited with status {code}"),
+            }
+        })
+    }
+
+    /// Moves every probe on as far as it goes without blocking.
+    pub fn service(&mut self, now: Millis, events: &mut Vec<Event>) {
+        for p in &mut self.items {
+            let attempt = std::mem::replace(&mut p.attempt, Attempt::Idle { next_at: 0 });
+            let (next, verdict) = advance(&self.mode, p, attempt, now);
+            p.attempt = next;
+            match verdict {
+                Some(Ok(())) => {
+                    // Passed: no further attempt until the supervisor ends the probe.
+                    p.attempt = Attempt::Idle {
+                        next_at: Millis::MAX,
+                    };
+                    events.push(Event::ProbePassed {
+                        generation: p.generation,
+                    });
+                }
+                Some(Err(error)) => {
+                    p.attempt = Attempt::Idle {
+                        next_at: now + INTERVAL,
+                    };
+                    events.push(Event::ProbeFailed {
+                        generation: p.generation,
+                        error,
+                    });
+                }
+                None => {}
+            }
+        }
+    }
+}
+
+type Verdict = Option<Result<(), String>>;
+
+fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attempt, Verdict) {
+    let addr = p.socket.as_ref().map(|(_, a)| *a);
+    match attempt {
+        Attempt::Idle { next_at } if now < next_at => (Attempt::Idle { next_at }, None),
+        Attempt::Idle { .. } => match (mode, addr) {
+            (ReadyMode::Exec(argv), _) => match spawn::ready_check(argv, p.generation, p.pid) {
+                Ok(pid) => (Attempt::Running { pid }, None),
+                Err(e) => (idle(), Some(Err(e))),
+            },
+            (_, Some(addr)) => match connect_nonblocking(addr) {
+                Ok(stream) => {
+                    let connecting = Attempt::Connecting {
+                        stream,
+                        deadline: now + ATTEMPT_TIME,
+                    };
+                    // Loopback often connects at once: go on in the same wake-up.
+                    advance(mode, p, connecting, now)
+                }
+                Err(e) => (idle(), Some(Err(format!("connecting to {addr}: {e}")))),
+            },
+            _ => (idle(), None),
+        },
+        Attempt::Connecting { stream, deadline } => {
+            let addr = addr.expect("a connecting probe has an address");
+            match connect_result(&stream) {
+                Err(Errno::EINPROGRESS | Errno::EALREADY) if now < deadline => {
+                    (Attempt::Connecting { stream, deadline }, None)
+                }
+                Err(Errno::EINPROGRESS | Errno::EALREADY) => (
+                    idle(),
+                    Some(Err(format!("connecting to {addr}: timed out"))),
+                ),
+                Err(e) => (
+                    idle(),
+                    Some(Err(format!("connecting to {addr}: {}", e.desc()))),
+                ),
+                Ok(()) => match mode {
+                    ReadyMode::Http(path) => {
+                        let request = format!(
+                            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: grace\r\nConnection: close\r\n\r\n"
+                        );
+                        // A fresh socket's buffer takes the whole request at once.
+                        match (&stream).write(request.as_bytes()) {
+                            Ok(n) if n == request.len() => advance(
+                                mode,
+                                p,
+                                Attempt::Reading {
+                                    stream,
+                                    head: Vec::new(),
+                                    deadline,
+                                },
+                                now,
+                            ),
+                            Ok(_) => (
+                                idle(),
+                                Some(Err(format!("sending GET {path}: short write"))),
+                            ),
+                            Err(e) => (idle(), Some(Err(format!("sending GET {path}: {e}")))),
+                        }
+                    }
+                    _ => advance(
+                        mode,
+                        p,
+                        Attempt::Accepting {
+                            _stream: stream,
+                            check_at: now,
+                            deadline,
+                        },
+                        now,
+                    ),
+                },
+            }
+        }
+        Attempt::Reading {
+            stream,
+            mut head,
+            deadline,
+        } => {
+            let ReadyMode::Http(path) = mode else {
+                return (idle(), None);
+            };
+            let mut buf = [0u8; 64];
+            loop {
+                match (&stream).read(&mut buf) {
+                    Ok(0) => return (idle(), Some(status_of(&head, path))),
+                    Ok(n) => {
+                        head.extend_from_slice(&buf[..n]);
+                        if head.len() >= 12 {
+                            return (idle(), Some(status_of(&head, path)));
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        return (
+                            idle(),
+                            Some(Err(format!("reading the reply to GET {path}: {e}"))),
+                        );
+                    }
+                }
+            }
+            if now >= deadline {
+                let error = format!("GET {path}: no reply within {ATTEMPT_TIME}ms");
+                return (idle(), Some(Err(error)));
+            }
+            (
+                Attempt::Reading {
+                    stream,
+                    head,
+                    deadline,
+                },
+                None,
+            )
+        }
+        Attempt::Accepting {
+            _stream,
+            check_at,
+            deadline,
+        } => {
+            let Some((listener, addr)) = &p.socket else {
+                return (idle(), None);
+            };
+            if now < check_at {
+                return (
+                    Attempt::Accepting {
+                        _stream,
+                        check_at,
+                        deadline,
+                    },
+                    None,
+                );
+            }
+            // Connecting alone proves nothing: grace's own copy of the socket is listening, so
+            // the kernel completes the handshake whether or not the server ever accepts. What
+            // counts is the connection leaving the accept queue.
+            match crate::sys::accept_queue_len(listener.as_fd()) {
+                Ok(0) => (idle(), Some(Ok(()))),
+                Ok(_) if now < deadline => (
+                    Attempt::Accepting {
+                        _stream,
+                        check_at: now + QUEUE_CHECK,
+                        deadline,
+                    },
+                    None,
+                ),
+                Ok(_) => (
+                    idle(),
+                    Some(Err(format!(
+                        "connection to {addr} not accepted within {ATTEMPT_TIME}ms"
+                    ))),
+                ),
+                Err(e) => (
+                    idle(),
+                    Some(Err(format!("reading the accept queue of {addr}: {e}"))),
+                ),
+            }
+        }
+        running @ Attempt::Running { .. } => (running, None),
+    }
+}
+
+/// Placeholder; [`Probes::service`] sets the real next attempt from the verdict.
+fn idle() -> Attempt {
+    Attempt::Idle { next_at: 0 }
+}
+
+fn connect_nonblocking(addr: SocketAddr) -> Result<TcpStream, Errno> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    match connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => Ok(TcpStream::from(fd)),
+        Err(e) => Err(e),
+    }
+}
+
+/// `Ok` once the connection is established, `EINPROGRESS` while it is not, else its error.
+fn connect_result(stream: &TcpStream) -> Result<(), Errno> {
+    match getsockopt(stream, sockopt::SocketError) {
+        Ok(0) => {}
+        Ok(e) => return Err(Errno::from_raw(e)),
+        Err(e) => return Err(e),
+    }
+    match stream.peer_addr() {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(Errno::ENOTCONN as i32) => Err(Errno::EINPROGRESS),
+        Err(e) => Err(Errno::from_raw(e.raw_os_error().unwrap_or(0))),
+    }
+}
+
+/// The verdict of an HTTP reply's first bytes: 2xx passes.
+fn status_of(head: &[u8], path: &str) -> Result<(), String> {
+    let line = String::from_utf8_lossy(head);
+    let status = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse::<u16>().ok());
+    match status {
+        Some(code) if (200..300).contains(&code) => Ok(()),
+        Some(code) => Err(format!("GET {path} answered {code}")),
+        None if head.is_empty() => Err(format!("GET {path}: connection closed without a reply")),
+        None => Err(format!("GET {path}: not an HTTP reply")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Runs the probe of generation 1 until it gives a verdict or `ms` pass.
+    fn verdict(probes: &mut Probes, ms: u64) -> Option<Event> {
+        let end = crate::sys::now() + ms;
+        while crate::sys::now() < end {
+            let mut events = Vec::new();
+            probes.service(crate::sys::now(), &mut events);
+            if let Some(e) = events.pop() {
+                return Some(e);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        None
+    }
+
+    /// An `http` probe whose server, in a thread, answers `reply` (or, if empty, never does).
+    fn http(reply: &'static str) -> Probes {
+        let mut probes = Probes::new(ReadyMode::Http("/health".into()));
+        probes.prepare(1).unwrap().unwrap();
+        // The "server": a duplicate of the private socket, as the generation would have.
+        let listener = probes.items[0]
+            .socket
+            .as_ref()
+            .unwrap()
+            .0
+            .try_clone()
+            .unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            if !reply.is_empty() {
+                conn.write_all(reply.as_bytes()).unwrap();
+            } else {
+                // Accepts and never answers.
+                std::thread::sleep(Duration::from_secs(3));
+            }
+        });
+        probes.start(1, 1234, crate::sys::now());
+        probes
+    }
+
+    #[test]
+    fn http_reads_the_status() {
+        let mut p = http("HTTP/1.1 204 No Content\r\n\r\n");
+        assert!(matches!(
+            verdict(&mut p, 2_000),
+            Some(Event::ProbePassed { generation: 1 })
+        ));
+        let mut p = http("HTTP/1.1 503 Busy\r\n\r\n");
+        let Some(Event::ProbeFailed { error, .. }) = verdict(&mut p, 2_000) else {
+            panic!()
+        };
+        assert_eq!(error, "GET /health answered 503");
+        let mut p = http("SSH-2.0-x\r\n");
+        let Some(Event::ProbeFailed { error, .. }) = verdict(&mut p, 2_000) else {
+            panic!()
+        };
+        assert!(error.contains("not an HTTP reply"), "{error}");
+    }
+
+    #[test]
+    fn a_server_that_never_answers_costs_no_wait() {
+        let mut p = http("");
+        let start = std::time::Instant::now();
+        let mut events = Vec::new();
+        for _ in 0..50 {
+            p.service(crate::sys::now(), &mut events);
+        }
+        assert!(
+            start.elapsed() < Duration::from_millis(50),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(events.is_empty());
+        let Some(Event::ProbeFailed { error, .. }) = verdict(&mut p, 3_000) else {
+            panic!()
+        };
+        assert!(error.contains("no reply within"), "{error}");
+    }
+
+    #[test]
+    fn tcp_needs_the_connection_accepted() {
+        let mut p = Probes::new(ReadyMode::Tcp);
+        p.prepare(1).unwrap().unwrap();
+        p.start(1, 1234, crate::sys::now());
+        // Listening but nobody accepts: the handshake completes, the probe must still fail.
+        let Some(Event::ProbeFailed { error, .. }) = verdict(&mut p, 3_000) else {
+            panic!()
+        };
+        assert!(error.contains("not accepted"), "{error}");
+        let accepter = p.items[0].socket.as_ref().unwrap().0.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..3 {
+                let _ = accepter.accept();
+            }
+        });
+        assert!(matches!(
+            verdict(&mut p, 3_000),
+            Some(Event::ProbePassed { .. })
+        ));
+    }
+
+    #[test]
+    fn ending_a_probe_closes_its_socket() {
+        let mut p = Probes::new(ReadyMode::Tcp);
+        let (fd, addr) = p.prepare(1).unwrap().unwrap();
+        assert!(crate::sys::fd_is_open(fd));
+        p.end(1);
+        assert!(TcpStream::connect(addr).is_err());
+        assert!(p.next_deadline().is_none());
+    }
+}

@@ -1,0 +1,521 @@
+use super::*;
+
+fn policy() -> Policy {
+    Policy {
+        ready_timeout: 1_000,
+        drain_timeout: 5_000,
+        alive: AliveRule::Explicit,
+        stop_signal: Signal::SIGTERM,
+        max_draining: 2,
+        max_waiting: 4,
+        notify_ready: true,
+        probe: false,
+        on_crash: OnCrash::Exit,
+    }
+}
+
+/// A supervisor with generation 1 (pid 100) serving.
+fn serving(policy: Policy) -> Supervisor {
+    let mut s = Supervisor::new(policy);
+    assert_eq!(s.act(0, Event::Start), [Action::Spawn { generation: 1 }]);
+    assert!(
+        s.act(
+            0,
+            Event::Spawned {
+                generation: 1,
+                pid: 100
+            }
+        )
+        .is_empty()
+    );
+    let out = s.act(10, Event::ProbePassed { generation: 1 });
+    assert_eq!(
+        out,
+        [Action::Report(Outcome::Ready {
+            generation: 1,
+            pid: 100,
+            cause: Cause::Initial
+        })]
+    );
+    s
+}
+
+fn state(s: &Supervisor, id: GenId) -> GenState {
+    s.generation(id).unwrap().state.clone()
+}
+
+/// Restart from a serving supervisor up to the new generation's spawn (as the new image).
+fn restart_to_spawn(s: &mut Supervisor, now: Millis, pid: i32) -> GenId {
+    assert_eq!(s.act(now, Event::RestartSignal), [Action::ReExec]);
+    let out = s.act(now, Event::Adopted);
+    let [Action::Spawn { generation }] = out[..] else {
+        panic!("{out:?}")
+    };
+    assert!(s.act(now, Event::Spawned { generation, pid }).is_empty());
+    generation
+}
+
+#[test]
+fn restart_hands_over_then_drains_the_old_generation() {
+    let mut s = serving(policy());
+    let generation = restart_to_spawn(&mut s, 100, 200);
+    assert_eq!(generation, 2);
+    let out = s.act(150, Event::ProbePassed { generation: 2 });
+    assert_eq!(
+        out,
+        [
+            Action::Signal {
+                pid: 100,
+                signal: Signal::SIGTERM
+            },
+            Action::Report(Outcome::Ready {
+                generation: 2,
+                pid: 200,
+                cause: Cause::Restart
+            }),
+        ]
+    );
+    assert_eq!(s.s.current, Some(2));
+    assert_eq!(
+        state(&s, 1),
+        GenState::Draining {
+            kill_at: 5_150,
+            killed: false
+        }
+    );
+    // The old one takes too long: its whole group is killed at the drain deadline.
+    assert!(s.act(5_149, Event::Tick).is_empty());
+    assert_eq!(s.act(5_150, Event::Tick), [Action::KillGroup { pgid: 100 }]);
+    assert!(
+        s.act(
+            5_160,
+            Event::Exited {
+                pid: 100,
+                code: 137,
+                group_empty: true
+            }
+        )
+        .is_empty()
+    );
+    assert!(s.generation(1).is_none());
+    assert_eq!(s.next_deadline(), None, "idle means no timer");
+}
+
+#[test]
+fn a_new_generation_that_exits_is_rolled_back() {
+    let mut s = serving(policy());
+    restart_to_spawn(&mut s, 100, 200);
+    let out = s.act(
+        120,
+        Event::Exited {
+            pid: 200,
+            code: 3,
+            group_empty: true,
+        },
+    );
+    // Its group is known empty: no kill (the pgid could be anyone's by now).
+    assert_eq!(
+        out,
+        [Action::Report(Outcome::RolledBack {
+            generation: 2,
+            reason: "exited with status 3".into()
+        })]
+    );
+    assert_eq!(s.s.current, Some(1));
+    assert_eq!(
+        state(&s, 1),
+        GenState::Ready,
+        "the old generation is untouched"
+    );
+    assert_eq!(s.s.phase, Phase::Idle);
+}
+
+#[test]
+fn a_new_generation_that_is_never_ready_is_rolled_back_at_the_timeout() {
+    let mut s = serving(policy());
+    restart_to_spawn(&mut s, 100, 200);
+    assert_eq!(s.next_deadline(), Some(1_100));
+    assert!(s.act(1_099, Event::Tick).is_empty());
+    let out = s.act(1_100, Event::Tick);
+    assert_eq!(
+        out,
+        [
+            Action::Signal {
+                pid: 200,
+                signal: Signal::SIGTERM
+            },
+            Action::Report(Outcome::RolledBack {
+                generation: 2,
+                reason: "was not ready within 1s".into()
+            }),
+        ]
+    );
+    assert_eq!(
+        state(&s, 2),
+        GenState::Draining {
+            kill_at: 6_100,
+            killed: false
+        },
+        "drained, since it may hold accepted connections"
+    );
+    assert_eq!(s.act(6_100, Event::Tick), [Action::KillGroup { pgid: 200 }]);
+    // Readiness arriving late is ignored.
+    assert!(
+        s.act(1_200, Event::ProbePassed { generation: 2 })
+            .is_empty()
+    );
+    assert_eq!(s.s.current, Some(1));
+    // Never retried by itself.
+    assert!(
+        s.act(
+            10_000,
+            Event::Exited {
+                pid: 200,
+                code: 137,
+                group_empty: true
+            }
+        )
+        .is_empty()
+    );
+    assert!(s.act(20_000, Event::Tick).is_empty());
+}
+
+#[test]
+fn restarts_during_a_restart_coalesce_into_one() {
+    let mut s = serving(policy());
+    restart_to_spawn(&mut s, 100, 200);
+    for _ in 0..20 {
+        assert!(s.act(110, Event::RestartSignal).is_empty());
+    }
+    let out = s.act(150, Event::ProbePassed { generation: 2 });
+    assert_eq!(
+        out.iter().filter(|a| **a == Action::ReExec).count(),
+        1,
+        "{out:?}"
+    );
+    assert!(!s.s.pending_restart);
+    assert_eq!(s.s.phase, Phase::ReExec);
+}
+
+#[test]
+fn draining_generations_are_capped_oldest_first() {
+    let mut s = serving(policy());
+    for (i, pid) in [200, 300, 400].into_iter().enumerate() {
+        let generation = restart_to_spawn(&mut s, 100 * i as u64 + 100, pid);
+        let out = s.act(100 * i as u64 + 150, Event::ProbePassed { generation });
+        if i == 2 {
+            assert!(out.contains(&Action::KillGroup { pgid: 100 }), "{out:?}");
+        }
+    }
+    let draining =
+        s.s.gens
+            .iter()
+            .filter(|g| matches!(g.state, GenState::Draining { killed: false, .. }))
+            .count();
+    assert_eq!(draining, 2);
+}
+
+#[test]
+fn auto_waits_for_notify_once_the_server_spoke_it() {
+    let mut s = serving(Policy {
+        alive: AliveRule::Auto(500),
+        ..policy()
+    });
+    restart_to_spawn(&mut s, 100, 200);
+    assert!(s.act(700, Event::Tick).contains(&Action::Signal {
+        pid: 100,
+        signal: Signal::SIGTERM
+    }));
+
+    let mut s = serving(Policy {
+        alive: AliveRule::Auto(500),
+        ..policy()
+    });
+    s.s.seen_notify = true;
+    restart_to_spawn(&mut s, 100, 200);
+    assert!(s.act(700, Event::Tick).is_empty(), "must wait for READY=1");
+    assert!(!s.act(800, Event::ProbePassed { generation: 2 }).is_empty());
+}
+
+#[test]
+fn stop_drains_everything_and_exits_zero_when_honoured() {
+    let mut s = serving(policy());
+    let out = s.act(100, Event::StopSignal(Signal::SIGTERM));
+    assert_eq!(
+        out,
+        [
+            Action::Stopping,
+            Action::Signal {
+                pid: 100,
+                signal: Signal::SIGTERM
+            }
+        ]
+    );
+    assert!(
+        s.act(100, Event::RestartSignal).is_empty(),
+        "no restart while stopping"
+    );
+    let out = s.act(
+        200,
+        Event::Exited {
+            pid: 100,
+            code: 128 + 15,
+            group_empty: true,
+        },
+    );
+    assert_eq!(out, [Action::Exit(0)]);
+}
+
+#[test]
+fn second_stop_kills_at_once() {
+    let mut s = serving(policy());
+    s.act(100, Event::StopSignal(Signal::SIGTERM));
+    assert_eq!(
+        s.act(110, Event::StopSignal(Signal::SIGTERM)),
+        [Action::KillGroup { pgid: 100 }]
+    );
+    assert_eq!(
+        s.act(
+            120,
+            Event::Exited {
+                pid: 100,
+                code: 137,
+                group_empty: true
+            }
+        ),
+        [Action::Exit(137)]
+    );
+}
+
+#[test]
+fn crash_with_exit_policy_exits_with_the_status() {
+    let mut s = serving(policy());
+    let out = s.act(
+        100,
+        Event::Exited {
+            pid: 100,
+            code: 7,
+            group_empty: true,
+        },
+    );
+    assert_eq!(out, [Action::Stopping, Action::Exit(7)]);
+    // Workers left behind are killed with the group.
+    let mut s = serving(policy());
+    let out = s.act(
+        100,
+        Event::Exited {
+            pid: 100,
+            code: 7,
+            group_empty: false,
+        },
+    );
+    assert_eq!(out, [Action::KillGroup { pgid: 100 }, Action::Stopping]);
+}
+
+#[test]
+fn crash_with_restart_policy_backs_off_then_gives_up() {
+    let mut s = serving(Policy {
+        on_crash: OnCrash::Restart,
+        ..policy()
+    });
+    let mut now = 100;
+    let mut pid = 100;
+    for crash in 1..MAX_CRASHES {
+        s.act(
+            now,
+            Event::Exited {
+                pid,
+                code: 1,
+                group_empty: true,
+            },
+        );
+        let Phase::Backoff { respawn_at } = s.s.phase else {
+            panic!("{:?}", s.s.phase)
+        };
+        assert_eq!(
+            respawn_at - now,
+            (BACKOFF_FIRST << (crash - 1)).min(BACKOFF_MAX)
+        );
+        now = respawn_at;
+        let out = s.act(now, Event::Tick);
+        let [Action::Spawn { generation }] = out[..] else {
+            panic!("{out:?}")
+        };
+        pid += 1;
+        s.act(now, Event::Spawned { generation, pid });
+        let out = s.act(now, Event::ProbePassed { generation });
+        assert!(matches!(
+            out[..],
+            [Action::Report(Outcome::Ready {
+                cause: Cause::Crash,
+                ..
+            })]
+        ));
+    }
+    let out = s.act(
+        now,
+        Event::Exited {
+            pid,
+            code: 1,
+            group_empty: true,
+        },
+    );
+    assert_eq!(
+        out.last(),
+        Some(&Action::Exit(1)),
+        "gives up after {MAX_CRASHES} crashes"
+    );
+}
+
+#[test]
+fn initial_generation_failures_exit_with_its_status() {
+    let mut s = Supervisor::new(policy());
+    s.act(0, Event::Start);
+    let out = s.act(
+        0,
+        Event::SpawnFailed {
+            generation: 1,
+            reason: "not found".into(),
+            code: 127,
+        },
+    );
+    assert_eq!(out, [Action::Stopping, Action::Exit(127)]);
+
+    let mut s = Supervisor::new(policy());
+    s.act(0, Event::Start);
+    s.act(
+        0,
+        Event::Spawned {
+            generation: 1,
+            pid: 100,
+        },
+    );
+    s.act(
+        0,
+        Event::Exited {
+            pid: 100,
+            code: 2,
+            group_empty: true,
+        },
+    );
+    assert_eq!(
+        s.s.phase,
+        Phase::Stopping {
+            kill_at: 5_000,
+            forced: false
+        }
+    );
+    assert!(s.s.gens.is_empty());
+    assert_eq!(s.s.exit_code, 2);
+}
+
+#[test]
+fn a_reexec_failure_is_reported_and_keeps_serving() {
+    let mut s = serving(policy());
+    assert_eq!(s.act(100, Event::RestartSignal), [Action::ReExec]);
+    let out = s.act(100, Event::ReExecFailed("binary missing".into()));
+    assert_eq!(
+        out,
+        [Action::Report(Outcome::Failed {
+            reason: "binary missing".into()
+        })]
+    );
+    assert_eq!(s.s.phase, Phase::Idle);
+    assert_eq!(s.s.current, Some(1));
+}
+
+#[test]
+fn a_reexec_failure_during_a_crash_backoff_keeps_the_crash_policy_going() {
+    let mut s = serving(Policy {
+        on_crash: OnCrash::Restart,
+        ..policy()
+    });
+    s.act(
+        100,
+        Event::Exited {
+            pid: 100,
+            code: 1,
+            group_empty: true,
+        },
+    );
+    assert!(matches!(s.s.phase, Phase::Backoff { .. }));
+    assert_eq!(s.act(110, Event::RestartSignal), [Action::ReExec]);
+    s.act(110, Event::ReExecFailed("binary missing".into()));
+    let Phase::Backoff { respawn_at } = s.s.phase else {
+        panic!("left idle with nothing serving: {:?}", s.s.phase);
+    };
+    let out = s.act(respawn_at, Event::Tick);
+    assert!(matches!(out[..], [Action::Spawn { .. }]), "{out:?}");
+}
+
+#[test]
+fn a_crash_during_a_rolled_back_restart_exits_with_the_crashed_status() {
+    let mut s = serving(policy());
+    restart_to_spawn(&mut s, 100, 200);
+    s.act(
+        110,
+        Event::Exited {
+            pid: 100,
+            code: 7,
+            group_empty: true,
+        },
+    );
+    assert_eq!(s.s.current, None);
+    let out = s.act(1_100, Event::Tick);
+    assert!(
+        out.contains(&Action::Signal {
+            pid: 200,
+            signal: Signal::SIGTERM
+        }),
+        "{out:?}"
+    );
+    let out = s.act(
+        1_200,
+        Event::Exited {
+            pid: 200,
+            code: 143,
+            group_empty: true,
+        },
+    );
+    assert_eq!(out, [Action::Exit(7)]);
+}
+
+#[test]
+fn forwarded_signals_go_to_the_current_generation() {
+    let mut s = serving(policy());
+    assert_eq!(
+        s.act(5, Event::Forward(Signal::SIGHUP)),
+        [Action::Signal {
+            pid: 100,
+            signal: Signal::SIGHUP
+        }]
+    );
+}
+
+#[test]
+fn a_draining_leader_that_leaves_workers_behind_stays_until_its_group_is_gone() {
+    let mut s = serving(policy());
+    let generation = restart_to_spawn(&mut s, 100, 200);
+    s.act(150, Event::ProbePassed { generation });
+    s.act(
+        200,
+        Event::Exited {
+            pid: 100,
+            code: 0,
+            group_empty: false,
+        },
+    );
+    assert!(s.generation(1).is_some());
+    assert_eq!(s.act(5_150, Event::Tick), [Action::KillGroup { pgid: 100 }]);
+    s.act(5_200, Event::GroupGone { generation: 1 });
+    assert!(s.generation(1).is_none());
+}
+
+impl Supervisor {
+    /// `step` without the log lines.
+    fn act(&mut self, now: Millis, event: Event) -> Vec<Action> {
+        let mut out = self.step(now, event);
+        out.retain(|a| !matches!(a, Action::Log(..)));
+        out
+    }
+}
