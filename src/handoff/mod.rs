@@ -150,12 +150,26 @@ impl Record {
         })
     }
 
-    /// Checks the record against this process before anything in it is used: every fd is ≥ 3,
-    /// named once and open; there is one notify socket; every generation's pid is > 1, and one
-    /// whose leader has not been reaped is a child of this process; pidfds and waiting clients
-    /// belong to what the record names.
+    /// Checks the record against this process before anything in it is used: every generation's
+    /// pid is > 1 and not grace's own, and one whose leader has not been reaped is a child of this
+    /// process; every fd is ≥ 3, named once and open; there is one notify socket; pidfds and
+    /// waiting clients belong to what the record names.
     pub fn validate(&self) -> Result<(), String> {
         let refuse = |why: String| Err(format!("handoff record refused: {why}"));
+        self.state.check().or_else(refuse)?;
+        let me = std::process::id() as i32;
+        let own_group = nix::unistd::getpgrp().as_raw();
+        let pids: Vec<(u64, i32, bool)> = self.state.pids().collect();
+        for &(generation, pid, leader_alive) in &pids {
+            if pid <= 1 || pid == me || pid == own_group {
+                return refuse(format!("generation {generation} names pid {pid}"));
+            }
+            if leader_alive && crate::sys::parent_of(pid) != Some(me) {
+                return refuse(format!(
+                    "generation {generation}'s pid {pid} is not a child of this process"
+                ));
+            }
+        }
         let mut seen = Vec::new();
         for c in &self.fds {
             if c.fd < 3 {
@@ -176,20 +190,6 @@ impl Record {
             .count();
         if notify != 1 {
             return refuse(format!("{notify} notify sockets (expected 1)"));
-        }
-        self.state.check().or_else(refuse)?;
-        let me = std::process::id() as i32;
-        let own_group = nix::unistd::getpgrp().as_raw();
-        let pids: Vec<(u64, i32, bool)> = self.state.pids().collect();
-        for &(generation, pid, leader_alive) in &pids {
-            if pid <= 1 || pid == me || pid == own_group {
-                return refuse(format!("generation {generation} names pid {pid}"));
-            }
-            if leader_alive && crate::sys::parent_of(pid) != Some(me) {
-                return refuse(format!(
-                    "generation {generation}'s pid {pid} is not a child of this process"
-                ));
-            }
         }
         for c in &self.fds {
             if let Role::Pidfd { pid } = c.role

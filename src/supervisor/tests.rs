@@ -18,17 +18,17 @@ fn policy() -> Policy {
 fn serving(policy: Policy) -> Supervisor {
     let mut s = Supervisor::new(policy);
     assert_eq!(s.act(0, Event::Start), [Action::Spawn { generation: 1 }]);
-    assert!(
-        s.act(
-            0,
-            Event::Spawned {
-                generation: 1,
-                pid: 100
-            }
-        )
-        .is_empty()
+    let probing = s.policy.probe;
+    let out = s.act(
+        0,
+        Event::Spawned {
+            generation: 1,
+            pid: 100,
+        },
     );
-    let out = s.act(10, Event::ProbePassed { generation: 1 });
+    assert_eq!(out.is_empty(), !probing, "{out:?}");
+    let mut out = s.act(10, Event::ProbePassed { generation: 1 });
+    out.retain(|a| *a != Action::EndProbe { generation: 1 });
     assert_eq!(
         out,
         [Action::Report(Outcome::Ready {
@@ -518,4 +518,225 @@ impl Supervisor {
         out.retain(|a| !matches!(a, Action::Log(..)));
         out
     }
+}
+
+fn control(s: &mut Supervisor, now: Millis, client: ClientId, request: Request) -> Vec<Action> {
+    s.act(now, Event::Control { client, request })
+}
+
+fn reply(client: ClientId, line: &str) -> Action {
+    Action::Reply {
+        client,
+        line: line.into(),
+        hold: false,
+    }
+}
+
+#[test]
+fn a_restart_client_gets_the_outcome_of_the_restart_that_includes_it() {
+    let mut s = serving(policy());
+    assert_eq!(control(&mut s, 100, 7, Request::Restart), [Action::ReExec]);
+    // Asked while it runs: merged into the next one, and answered by that one.
+    assert!(control(&mut s, 100, 8, Request::Restart).is_empty());
+    assert!(
+        s.act(100, Event::Adopted)
+            .contains(&Action::Spawn { generation: 2 })
+    );
+    s.act(
+        100,
+        Event::Spawned {
+            generation: 2,
+            pid: 200,
+        },
+    );
+    let out = s.act(150, Event::ProbePassed { generation: 2 });
+    assert!(
+        out.contains(&reply(7, "ok generation=2 pid=200")),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Reply { client: 8, .. }))
+    );
+    assert!(out.contains(&Action::ReExec), "the merged restart follows");
+    s.act(150, Event::Adopted);
+    s.act(
+        150,
+        Event::Spawned {
+            generation: 3,
+            pid: 300,
+        },
+    );
+    let out = s.act(
+        160,
+        Event::Exited {
+            pid: 300,
+            code: 3,
+            group_empty: true,
+        },
+    );
+    assert!(
+        out.contains(&reply(8, "failed generation 3 exited with status 3")),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn restart_clients_are_capped_and_refused_while_stopping() {
+    let mut s = serving(policy());
+    for client in 0..4 {
+        control(&mut s, 100, client, Request::Restart);
+    }
+    assert_eq!(
+        control(&mut s, 100, 9, Request::Restart),
+        [reply(
+            9,
+            "failed too many clients waiting for a restart (4)"
+        )]
+    );
+    // A stop answers every waiting client, and later ones are refused.
+    let out = control(&mut s, 110, 10, Request::Stop);
+    assert_eq!(
+        out[0],
+        Action::Reply {
+            client: 10,
+            line: "stopping".into(),
+            hold: true
+        }
+    );
+    for client in 0..4 {
+        assert!(
+            out.contains(&reply(client, "failed grace is stopping")),
+            "{out:?}"
+        );
+    }
+    assert_eq!(
+        control(&mut s, 120, 11, Request::Restart),
+        [reply(11, "failed grace is stopping")]
+    );
+    assert_eq!(
+        control(&mut s, 120, 12, Request::StatusText),
+        [Action::Status {
+            client: 12,
+            text: true
+        }]
+    );
+}
+
+#[test]
+fn notify_counts_only_where_the_ready_mode_says_so() {
+    // A probe mode: READY=1 is noted (auto would wait for it later) but the probe decides.
+    let mut s = serving(Policy {
+        notify_ready: false,
+        probe: true,
+        ..policy()
+    });
+    assert_eq!(s.act(100, Event::RestartSignal), [Action::ReExec]);
+    s.act(100, Event::Adopted);
+    assert_eq!(
+        s.act(
+            100,
+            Event::Spawned {
+                generation: 2,
+                pid: 200
+            }
+        ),
+        [Action::Probe {
+            generation: 2,
+            pid: 200
+        }]
+    );
+    let ready = Event::Notify {
+        pid: 201,
+        generation: Some(2),
+        ready: true,
+    };
+    assert!(s.act(110, ready).is_empty());
+    assert!(s.s.seen_notify);
+    assert_eq!(
+        state(&s, 2),
+        GenState::Starting {
+            deadline: 1_100,
+            alive_at: None
+        }
+    );
+    // A failed check is the rollback's reason.
+    s.act(
+        120,
+        Event::ProbeFailed {
+            generation: 2,
+            error: "GET /health answered 503".into(),
+        },
+    );
+    let out = s.act(1_100, Event::Tick);
+    assert!(out.contains(&Action::EndProbe { generation: 2 }), "{out:?}");
+    assert!(out.contains(&Action::Report(Outcome::RolledBack {
+        generation: 2,
+        reason: "was not ready within 1s (last check: GET /health answered 503)".into()
+    })));
+    // A datagram from outside every generation: a rate-limited warning, nothing else.
+    let out = s.step(
+        1_200,
+        Event::Notify {
+            pid: 999,
+            generation: None,
+            ready: true,
+        },
+    );
+    assert!(
+        matches!(&out[..], [Action::Log(Level::Untrusted, line)] if line.contains("pid 999")),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_leader_reaped_in_the_same_wakeup_as_a_stop_is_never_signalled() {
+    // The loop hands over the reaped exit before the signal of the same wake-up.
+    let mut s = serving(policy());
+    let exited = Event::Exited {
+        pid: 100,
+        code: 0,
+        group_empty: false,
+    };
+    let mut out = s.act(100, exited);
+    out.extend(s.act(100, Event::StopSignal(Signal::SIGTERM)));
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Signal { pid: 100, .. })),
+        "{out:?}"
+    );
+    // Its workers are still there: only their group is killed.
+    assert!(out.contains(&Action::KillGroup { pgid: 100 }), "{out:?}");
+
+    // Same for a drain: the old leader is gone before the new generation is ready.
+    let mut s = serving(Policy {
+        on_crash: OnCrash::Restart,
+        ..policy()
+    });
+    let generation = restart_to_spawn(&mut s, 100, 200);
+    let mut out = s.act(
+        110,
+        Event::Exited {
+            pid: 100,
+            code: 0,
+            group_empty: true,
+        },
+    );
+    out.extend(s.act(110, Event::ProbePassed { generation }));
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::Signal { pid: 100, .. })),
+        "{out:?}"
+    );
+    // Forwarded signals skip a reaped leader too.
+    let mut s = serving(policy());
+    s.act(
+        100,
+        Event::Exited {
+            pid: 100,
+            code: 0,
+            group_empty: false,
+        },
+    );
+    assert!(s.act(100, Event::Forward(Signal::SIGHUP)).is_empty());
 }

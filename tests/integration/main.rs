@@ -12,4 +12,5 @@ mod pid1;
 mod restart;
 mod rollback;
 mod stop;
+mod unblocked;
 mod upgrade;
