@@ -316,11 +316,11 @@ fn build_example_server(manifest_dir: &Path, grace: &Path) -> anyhow::Result<Pat
     let server = grace
         .parent()
         .context("grace binary has no directory")?
-        .join("examples/server");
+        .join("examples/fault_server");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    println!("building the example server: cargo build --release --example server");
+    println!("building the example server: cargo build --release --example fault_server");
     let status = Command::new(&cargo)
-        .args(["build", "--release", "--quiet", "--example", "server"])
+        .args(["build", "--release", "--quiet", "--example", "fault_server"])
         .arg("--manifest-path")
         .arg(manifest_dir.join("Cargo.toml"))
         .status()

@@ -26,7 +26,7 @@ struct Setup {
 
 /// grace running the example server, whose later generations read their behaviour from a file.
 fn start(extra: &[&str]) -> Setup {
-    start_command(extra, &[example("server").to_str().unwrap()])
+    start_command(extra, &[example("fault_server").to_str().unwrap()])
 }
 
 fn start_command(extra: &[&str], command: &[&str]) -> Setup {
@@ -209,7 +209,7 @@ fn old_generation_that_fails_while_draining_is_just_reaped() {
 #[test]
 fn old_generation_that_leaves_workers_behind_has_them_killed_at_the_drain_timeout() {
     // The shell leaves a `sleep` in the generation's process group and execs the server.
-    let server = example("server");
+    let server = example("fault_server");
     let script = format!(r#"sleep 300 & exec {} "$@""#, server.display());
     let s = start_command(
         &["--drain-timeout", "1s"],
@@ -308,7 +308,7 @@ fn command_missing_at_restart_time_is_rolled_back() {
     let dir = temp_dir("path");
     let bin = dir.join("bin");
     std::fs::create_dir(&bin).unwrap();
-    std::os::unix::fs::symlink(example("server"), bin.join("myserver")).unwrap();
+    std::os::unix::fs::symlink(example("fault_server"), bin.join("myserver")).unwrap();
     let path = format!("{}:/usr/bin:/bin", bin.display());
     let mut grace = Grace::start_with(&["run", "--listen", "127.0.0.1:0", "--", "myserver"], |c| {
         c.env("PATH", &path);
@@ -327,7 +327,7 @@ fn command_missing_at_restart_time_is_rolled_back() {
 
 #[test]
 fn low_rlimit_nofile_still_restarts() {
-    let server = example("server");
+    let server = example("fault_server");
     let grace = Grace::start_raw(
         "/usr/bin/prlimit",
         &[
@@ -363,7 +363,7 @@ fn unix_socket_directory_removed_underneath() {
     let sockdir = dir.join("run");
     std::fs::create_dir(&sockdir).unwrap();
     let spec = format!("unix:{}", sockdir.join("app.sock").display());
-    let server = example("server");
+    let server = example("fault_server");
     let mut grace = Grace::start(&["run", "--listen", &spec, "--", server.to_str().unwrap()]);
     grace.wait_line(") is serving", T);
     std::fs::remove_dir_all(&sockdir).unwrap();

@@ -41,7 +41,7 @@ fn start(extra: &[&str]) -> Running {
     let dir = temp_dir("operate");
     let control = dir.join("ctl").display().to_string();
     let behavior = dir.join("behavior");
-    let server = example("server");
+    let server = example("fault_server");
     let pid_file = dir.join("pid").display().to_string();
     let status_file = dir.join("status.json").display().to_string();
     let behavior_arg = behavior.display().to_string();
@@ -300,7 +300,7 @@ impl FakeSystemd {
 #[test]
 fn systemd_sees_ready_reloading_ready_stopping_from_one_pid() {
     let systemd = FakeSystemd::new();
-    let server = example("server");
+    let server = example("fault_server");
     let mut grace = Grace::start_with(
         &[
             "run",
@@ -349,7 +349,7 @@ fn systemd_gets_the_reason_of_a_failed_restart() {
     let systemd = FakeSystemd::new();
     let dir = temp_dir("systemd-fail");
     let behavior = dir.join("b");
-    let server = example("server");
+    let server = example("fault_server");
     let grace = Grace::start_with(
         &[
             "run",
@@ -384,7 +384,7 @@ fn grace_takes_sockets_passed_by_socket_activation() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let fd = listener.as_raw_fd();
-    let server = example("server");
+    let server = example("fault_server");
     // LISTEN_PID must be grace's own pid: the shell exports its pid and execs grace.
     let script = r#"LISTEN_PID=$$ exec "$@""#;
     let grace = {
@@ -485,7 +485,7 @@ fn compat_variables_follow_start_server_and_einhorn() {
 fn deploy_script_fails_the_deploy_when_grace_rolls_back() {
     let dir = temp_dir("deploy");
     let installed = dir.join("server");
-    crate::harness::install_copy(&example("server"), &installed);
+    crate::harness::install_copy(&example("fault_server"), &installed);
     let control = dir.join("ctl").display().to_string();
     let grace = Grace::start(&[
         "run",
@@ -520,12 +520,12 @@ fn deploy_script_fails_the_deploy_when_grace_rolls_back() {
     );
     assert_eq!(
         std::fs::read(&installed).unwrap(),
-        std::fs::read(example("server")).unwrap(),
+        std::fs::read(example("fault_server")).unwrap(),
         "restored"
     );
     assert_eq!(served_by(&http_get(addr, "/").unwrap().1), before);
 
-    let (code, out, err) = run(&example("server"));
+    let (code, out, err) = run(&example("fault_server"));
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("is serving"), "{out}");
     served_by_other(addr, before);
@@ -535,7 +535,7 @@ fn deploy_script_fails_the_deploy_when_grace_rolls_back() {
 fn as_pid_1_grace_restart_needs_no_arguments() {
     let dir = temp_dir("pid1-control");
     let sock = format!("unix:{}", dir.join("app.sock").display());
-    let server = example("server");
+    let server = example("fault_server");
     // A network namespace of its own too, so the abstract control name `grace/control/1` is ours.
     let mut run = Grace::start_raw(
         "/usr/bin/unshare",

@@ -53,7 +53,7 @@ fn as_pid_1_orphans_are_reaped_and_the_status_propagates() {
 #[test]
 fn as_pid_1_sigterm_drains_and_restart_works() {
     let grace = crate::harness::grace_bin();
-    let server = example("server");
+    let server = example("fault_server");
     let run = Grace::start_raw(
         unshare(),
         &[

@@ -16,7 +16,7 @@ const T: Duration = Duration::from_secs(20);
 fn start(extra: &[&str]) -> (Grace, std::path::PathBuf) {
     let dir = temp_dir("rollback");
     let behavior = dir.join("behavior");
-    let server = example("server");
+    let server = example("fault_server");
     let mut args = vec!["run", "--listen", "127.0.0.1:0"];
     args.extend_from_slice(extra);
     let behavior_arg = behavior.to_str().unwrap().to_string();

@@ -32,7 +32,7 @@ fn sigint_is_a_graceful_stop_too_and_a_second_one_kills() {
     let dir = temp_dir("stop");
     let behavior = dir.join("b");
     std::fs::write(&behavior, "ignore-term").unwrap();
-    let server = example("server");
+    let server = example("fault_server");
     let mut grace = Grace::start(&[
         "run",
         "--listen",
@@ -61,7 +61,7 @@ fn sigint_is_a_graceful_stop_too_and_a_second_one_kills() {
 
 #[test]
 fn exit_status_follows_the_server() {
-    let server = example("server");
+    let server = example("fault_server");
     let server = server.to_str().unwrap();
     for (behavior, expected) in [("exit-immediately", 3), ("crash-after-ready", 4)] {
         let mut grace = Grace::start(&[
@@ -118,7 +118,7 @@ fn killed_by_a_signal_is_128_plus_n() {
 fn on_crash_restart_keeps_the_sockets_and_starts_a_new_generation() {
     let dir = temp_dir("crash");
     let behavior = dir.join("b");
-    let server = example("server");
+    let server = example("fault_server");
     let grace = Grace::start(&[
         "run",
         "--listen",
@@ -147,7 +147,7 @@ fn on_crash_restart_keeps_the_sockets_and_starts_a_new_generation() {
 
 #[test]
 fn on_crash_restart_gives_up_after_repeated_crashes() {
-    let server = example("server");
+    let server = example("fault_server");
     let mut grace = Grace::start(&[
         "run",
         "--listen",

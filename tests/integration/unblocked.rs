@@ -60,7 +60,7 @@ fn sigterm_latency(grace: &Grace) -> Duration {
 fn a_slow_client_and_a_silent_one_delay_neither_status_nor_sigterm() {
     let dir = temp_dir("unblocked-slow");
     let control = control_path(&dir);
-    let server = example("server");
+    let server = example("fault_server");
     let grace = Grace::start(&[
         "run",
         "--listen",
@@ -156,7 +156,7 @@ fn sigterm_latency_of_python(grace: &mut Grace) -> Duration {
 fn a_thousand_clients_at_once_are_capped_refused_and_leave_no_fd_behind() {
     let dir = temp_dir("unblocked-flood");
     let control = control_path(&dir);
-    let server = example("server");
+    let server = example("fault_server");
     let grace = Grace::start(&[
         "run",
         "--listen",

@@ -22,7 +22,7 @@ fn start_copy(tag: &str) -> (Grace, std::path::PathBuf) {
     let dir = temp_dir(tag);
     let copy = dir.join("grace");
     install_copy(&grace_bin(), &copy);
-    let server = example("server");
+    let server = example("fault_server");
     let grace = Grace::start_raw(
         copy.to_str().unwrap(),
         &[
