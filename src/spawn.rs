@@ -11,7 +11,7 @@ use crate::cli::Compat;
 use crate::exit::{self, ExitError};
 use crate::handoff;
 use crate::inject;
-use crate::listen::Listener;
+use crate::listen::{Listener, Local};
 use crate::supervisor::GenId;
 use crate::sys::{self, ExecPlan};
 
@@ -182,13 +182,12 @@ pub fn compat_env(
 
 /// `8080` for a wildcard TCP socket, `host:port` for a specific one, the path for a unix socket.
 fn server_starter_port(l: &Listener) -> String {
-    let address = l.local.split_once(' ').map_or(l.local.as_str(), |(_, a)| a);
-    if l.local.starts_with("unix ") {
-        return address.to_string();
-    }
-    match address.rsplit_once(':') {
-        Some(("[::]" | "0.0.0.0", port)) => port.to_string(),
-        _ => address.to_string(),
+    match &l.local {
+        Local::Inet(_, addr) if addr.ip().is_unspecified() => addr.port().to_string(),
+        Local::Inet(_, addr) => addr.to_string(),
+        Local::Unix(_, path) => path.display().to_string(),
+        Local::Abstract(_, name) => format!("@{name}"),
+        Local::Other(text) => text.clone(),
     }
 }
 

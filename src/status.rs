@@ -46,7 +46,7 @@ pub fn json(v: &View<'_>) -> String {
             "{}{{\"name\":{},\"address\":{}}}",
             if i > 0 { "," } else { "" },
             quote(&l.name),
-            quote(&l.local)
+            quote(&l.local.to_string())
         );
     }
     let _ = write!(s, "],\"restarts\":{},\"last_restart\":", v.sup.restarts());

@@ -21,7 +21,7 @@ use std::path::PathBuf;
 pub use check::check_new_binary;
 use codec::{Fields, esc, opt_text};
 
-use crate::listen::SocketKind;
+use crate::listen::{Local, SocketKind};
 use crate::supervisor::{ClientId, Millis, STATE_KEYS, State};
 
 /// Version 2: the supervisor's whole state, and one `fd` line per descriptor with its role.
@@ -39,8 +39,7 @@ pub enum Role {
     Listener {
         kind: SocketKind,
         name: String,
-        /// The bound address as people see it.
-        local: String,
+        local: Local,
         spec: String,
         /// A socket file grace created, removed at final exit.
         unix_path: Option<PathBuf>,
@@ -94,7 +93,7 @@ impl Record {
                 } => format!(
                     "listener {kind} {} {} {} {}",
                     esc(name),
-                    esc(local),
+                    esc(&local.to_string()),
                     esc(spec),
                     opt_text(unix_path.as_ref().and_then(|p| p.to_str()))
                 ),
@@ -220,7 +219,7 @@ fn role_of(f: &Fields<'_>) -> Result<Role, String> {
         "listener" => Role::Listener {
             kind: f.word(3)?.parse().map_err(|_| f.bad())?,
             name: f.text(4)?,
-            local: f.text(5)?,
+            local: f.text(5)?.parse().map_err(|_| f.bad())?,
             spec: f.text(6)?,
             unix_path: path(7)?,
         },

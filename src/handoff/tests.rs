@@ -56,14 +56,14 @@ fn sample(fds: &Fds, kids: &[Child]) -> Record {
         Role::Listener {
             kind: SocketKind::Stream,
             name: "http".into(),
-            local: "tcp [::]:8080".into(),
+            local: "tcp [::]:8080".parse().unwrap(),
             spec: "http=:8080".into(),
             unix_path: None,
         },
         Role::Listener {
             kind: SocketKind::Datagram,
             name: String::new(),
-            local: "unix /tmp/a b.sock".into(),
+            local: "unix /tmp/a b.sock".parse().unwrap(),
             spec: "-".into(),
             unix_path: Some("/tmp/a b.sock".into()),
         },

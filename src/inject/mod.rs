@@ -15,7 +15,6 @@ use std::collections::VecDeque;
 use std::ffi::{CString, OsStr};
 use std::fs::{File, Metadata};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -27,13 +26,12 @@ use clap::ValueEnum;
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
-use nix::sys::socket::{SockaddrStorage, getsockname};
 use nix::sys::statvfs::{FsFlags, statvfs};
 use tracing::{debug, info, warn};
 
 use crate::cli::RunArgs;
 use crate::exit::{self, ExitError};
-use crate::listen::{Listener, SocketKind};
+use crate::listen::{Listener, Proto};
 use crate::sys;
 
 // Shared with the library: grace encodes the table; the parsing and matching are for its tests.
@@ -291,28 +289,17 @@ fn table_for(listeners: &[Listener]) -> String {
         .iter()
         .enumerate()
         .filter_map(|(i, l)| {
-            let proto = match l.kind {
-                SocketKind::Stream => table::Proto::Tcp,
-                SocketKind::Datagram => table::Proto::Udp,
-            };
-            let local: SockaddrStorage = getsockname(l.fd.as_raw_fd()).ok()?;
-            let addr = inet_addr(&local)?;
+            let (proto, addr) = l.local.inet()?;
             let entry = table::Entry {
                 fd: 3 + i32::try_from(i).ok()?,
-                proto,
+                proto: match proto {
+                    Proto::Tcp => table::Proto::Tcp,
+                    Proto::Udp => table::Proto::Udp,
+                },
                 addr,
             };
             Some(entry.to_string())
         })
         .collect();
     entries.join(",")
-}
-
-fn inet_addr(storage: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = storage.as_sockaddr_in() {
-        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
-    }
-    storage
-        .as_sockaddr_in6()
-        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
 }

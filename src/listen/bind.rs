@@ -21,6 +21,7 @@ use nix::sys::socket::{
     sockopt,
 };
 
+use super::local::{Local, Proto};
 use super::spec::{Addr, Family, Host, ListenSpec};
 
 /// The first fd of socket activation (`SD_LISTEN_FDS_START`).
@@ -84,9 +85,9 @@ pub struct Listener {
     /// `LISTEN_FDNAMES`.
     pub name: String,
     pub kind: SocketKind,
-    /// The real bound address, for people and status: `tcp 127.0.0.1:41234`, `tcp [::]:8080`,
-    /// `udp 0.0.0.0:5353`, `unix /run/app.sock`, `unix @name`.
-    pub local: String,
+    /// The real bound address (shown as `tcp 127.0.0.1:41234`, `tcp [::]:8080`,
+    /// `udp 0.0.0.0:5353`, `unix /run/app.sock`, `unix @name`).
+    pub local: Local,
     /// The absolute path of a socket file grace created, to remove at final exit.
     pub unix_path: Option<PathBuf>,
     /// The spec this came from, in canonical form.
@@ -99,7 +100,7 @@ impl Listener {
         fd: OwnedFd,
         name: String,
         kind: SocketKind,
-        local: String,
+        local: Local,
         unix_path: Option<PathBuf>,
         spec: String,
     ) -> Self {
@@ -336,7 +337,7 @@ fn adopt(fd: RawFd, name: String, spec: &ListenSpec) -> Result<Listener> {
     })
 }
 
-fn inspect_inherited(fd: &OwnedFd) -> Result<(SocketKind, String)> {
+fn inspect_inherited(fd: &OwnedFd) -> Result<(SocketKind, Local)> {
     let kind = match socket::getsockopt(fd, sockopt::SockType) {
         Ok(SockType::Stream) => SocketKind::Stream,
         Ok(SockType::Datagram) => SocketKind::Datagram,
@@ -383,7 +384,7 @@ fn bind_one(spec: &ListenSpec, opts: &BindOptions, backlog: Backlog) -> Result<L
     let listener = Listener {
         local: match &unix_path {
             // getsockname gives the path as bound, possibly relative.
-            Some(path) => format!("unix {}", path.display()),
+            Some(path) => Local::Unix(kind, path.clone()),
             None => describe_local(&fd, kind)?,
         },
         fd,
@@ -395,27 +396,10 @@ fn bind_one(spec: &ListenSpec, opts: &BindOptions, backlog: Backlog) -> Result<L
     Ok(listener)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    fn sock_type(self) -> SockType {
-        match self {
-            Proto::Tcp => SockType::Stream,
-            Proto::Udp => SockType::Datagram,
-        }
-    }
-}
-
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        })
+fn sock_type(proto: Proto) -> SockType {
+    match proto {
+        Proto::Tcp => SockType::Stream,
+        Proto::Udp => SockType::Datagram,
     }
 }
 
@@ -467,7 +451,7 @@ fn bind_any(proto: Proto, port: u16, backlog: Backlog) -> Result<OwnedFd> {
 }
 
 fn inet_socket(proto: Proto, family: AddressFamily) -> nix::Result<OwnedFd> {
-    socket::socket(family, proto.sock_type(), SockFlag::SOCK_CLOEXEC, None)
+    socket::socket(family, sock_type(proto), SockFlag::SOCK_CLOEXEC, None)
 }
 
 fn setup_inet(
@@ -644,41 +628,37 @@ fn bound_unix_socket(addr: nix::Result<UnixAddr>, label: &str) -> Result<OwnedFd
     Ok(fd)
 }
 
-/// The bound address as people read it: `tcp [::]:8080`, `udp 127.0.0.1:5353`, `unix @name`.
-fn describe_local(fd: &impl AsFd, kind: SocketKind) -> Result<String> {
+/// The address the socket is bound to, as the kernel reports it.
+fn describe_local(fd: &impl AsFd, kind: SocketKind) -> Result<Local> {
     let addr: SockaddrStorage = socket::getsockname(fd.as_fd().as_raw_fd())
         .map_err(os)
         .context("reading the socket's address")?;
-    let inet = match kind {
-        SocketKind::Stream => "tcp",
-        SocketKind::Datagram => "udp",
-    };
+    let proto = Proto::of(kind);
     if let Some(v4) = addr.as_sockaddr_in() {
-        return Ok(format!("{inet} {}", SocketAddr::from(*v4)));
+        return Ok(Local::Inet(proto, SocketAddr::from(*v4)));
     }
     if let Some(v6) = addr.as_sockaddr_in6() {
-        return Ok(format!(
-            "{inet} {}",
-            SocketAddr::V6(SocketAddrV6::from(*v6))
-        ));
+        return Ok(Local::Inet(proto, SocketAddr::V6(SocketAddrV6::from(*v6))));
     }
     if let Some(unix) = addr.as_unix_addr() {
-        let prefix = match kind {
-            SocketKind::Stream => "unix",
-            SocketKind::Datagram => "unixgram",
-        };
         return Ok(if let Some(path) = unix.path() {
-            format!("{prefix} {}", path.display())
+            Local::Unix(kind, path.to_path_buf())
         } else if let Some(name) = unix.as_abstract() {
-            format!("{prefix} @{}", String::from_utf8_lossy(name))
+            Local::Abstract(kind, String::from_utf8_lossy(name).into_owned())
         } else {
-            format!("{prefix} (unnamed)")
+            Local::Other(format!(
+                "{} (unnamed)",
+                match kind {
+                    SocketKind::Stream => "unix",
+                    SocketKind::Datagram => "unixgram",
+                }
+            ))
         });
     }
-    Ok(match addr.family() {
+    Ok(Local::Other(match addr.family() {
         Some(family) => format!("socket ({family:?})"),
         None => "socket (unknown family)".to_string(),
-    })
+    }))
 }
 
 /// The `listen()` backlog: the requested one, else the system's `somaxconn`.
@@ -790,9 +770,9 @@ mod tests {
     fn binds_port_zero_and_reports_the_real_port() {
         let listeners = bind(&["web=127.0.0.1:0"]).unwrap();
         let [listener] = <[Listener; 1]>::try_from(listeners).unwrap();
-        let port = port_of(&listener.local);
+        let port = port_of(&listener.local.to_string());
         assert_ne!(port, 0);
-        assert_eq!(listener.local, format!("tcp 127.0.0.1:{port}"));
+        assert_eq!(listener.local.to_string(), format!("tcp 127.0.0.1:{port}"));
         assert_eq!(listener.name, "web");
         assert_eq!(listener.kind, SocketKind::Stream);
         assert_eq!(listener.spec, "web=127.0.0.1:0");
@@ -815,7 +795,7 @@ mod tests {
         assert_eq!(listeners.len(), 2);
         assert!(listeners.iter().all(|l| l.name == "unknown"));
         assert!(
-            listeners[1].local.starts_with("tcp 127.0.0.1:"),
+            listeners[1].local.to_string().starts_with("tcp 127.0.0.1:"),
             "{}",
             listeners[1].local
         );
@@ -837,16 +817,16 @@ mod tests {
     fn any_is_dual_stack_where_ipv6_exists() {
         let listeners = bind(&[":0"]).unwrap();
         let [listener] = <[Listener; 1]>::try_from(listeners).unwrap();
-        let port = port_of(&listener.local);
+        let port = port_of(&listener.local.to_string());
         if Path::new("/proc/net/if_inet6").exists() {
-            assert_eq!(listener.local, format!("tcp [::]:{port}"));
+            assert_eq!(listener.local.to_string(), format!("tcp [::]:{port}"));
             assert_eq!(
                 socket::getsockopt(&listener.fd, sockopt::Ipv6V6Only),
                 Ok(false)
             );
         } else {
             println!("note: no ipv6 in this kernel; checked the 0.0.0.0 fallback only");
-            assert_eq!(listener.local, format!("tcp 0.0.0.0:{port}"));
+            assert_eq!(listener.local.to_string(), format!("tcp 0.0.0.0:{port}"));
         }
         // Reachable over IPv4 either way.
         assert_accepts_tcp(listener, SocketAddr::from(([127, 0, 0, 1], port)));
@@ -860,8 +840,8 @@ mod tests {
         }
         let listeners = bind(&["[::1]:0"]).unwrap();
         let [listener] = <[Listener; 1]>::try_from(listeners).unwrap();
-        let port = port_of(&listener.local);
-        assert_eq!(listener.local, format!("tcp [::1]:{port}"));
+        let port = port_of(&listener.local.to_string());
+        assert_eq!(listener.local.to_string(), format!("tcp [::1]:{port}"));
         assert_eq!(
             socket::getsockopt(&listener.fd, sockopt::Ipv6V6Only),
             Ok(true)
@@ -876,7 +856,7 @@ mod tests {
             return;
         }
         let listeners = bind(&["[::]:0"]).unwrap();
-        assert!(listeners[0].local.starts_with("tcp [::]:"));
+        assert!(listeners[0].local.to_string().starts_with("tcp [::]:"));
         assert_eq!(
             socket::getsockopt(&listeners[0].fd, sockopt::Ipv6V6Only),
             Ok(true)
@@ -887,8 +867,8 @@ mod tests {
     fn udp_sockets_receive_datagrams() {
         let listeners = bind(&["dns=udp://127.0.0.1:0"]).unwrap();
         let [listener] = <[Listener; 1]>::try_from(listeners).unwrap();
-        let port = port_of(&listener.local);
-        assert_eq!(listener.local, format!("udp 127.0.0.1:{port}"));
+        let port = port_of(&listener.local.to_string());
+        assert_eq!(listener.local.to_string(), format!("udp 127.0.0.1:{port}"));
         assert_eq!(listener.kind, SocketKind::Datagram);
         assert_eq!(listener.spec, "dns=udp://127.0.0.1:0");
         assert!(is_cloexec(&listener.fd));
@@ -905,7 +885,7 @@ mod tests {
         let name = unique_abstract_name("abstract");
         let listeners = bind(&[&format!("unix:@{name}")]).unwrap();
         let [listener] = <[Listener; 1]>::try_from(listeners).unwrap();
-        assert_eq!(listener.local, format!("unix @{name}"));
+        assert_eq!(listener.local.to_string(), format!("unix @{name}"));
         assert_eq!(listener.unix_path, None);
         assert!(is_cloexec(&listener.fd));
 
@@ -932,7 +912,10 @@ mod tests {
         };
         let listeners = bind_all(&specs(&[&format!("unix:{}", path.display())]), &opts).unwrap();
         let [listener] = <[Listener; 1]>::try_from(listeners).unwrap();
-        assert_eq!(listener.local, format!("unix {}", path.display()));
+        assert_eq!(
+            listener.local.to_string(),
+            format!("unix {}", path.display())
+        );
         assert_eq!(listener.unix_path.as_deref(), Some(path.as_path()));
         assert!(is_cloexec(&listener.fd));
         let meta = fs::symlink_metadata(&path).unwrap();
@@ -1008,7 +991,10 @@ mod tests {
         let listeners = bind(&[&format!("unix:{}", relative.display())]).unwrap();
         let expected = cwd.join(&relative);
         assert_eq!(listeners[0].unix_path.as_deref(), Some(expected.as_path()));
-        assert_eq!(listeners[0].local, format!("unix {}", expected.display()));
+        assert_eq!(
+            listeners[0].local.to_string(),
+            format!("unix {}", expected.display())
+        );
         assert!(dir.join("rel.sock").exists());
         listeners[0].remove_socket_file().unwrap();
         assert!(!dir.join("rel.sock").exists());
@@ -1113,7 +1099,7 @@ mod tests {
         assert_eq!(adopted.kind, SocketKind::Stream);
         assert_eq!(adopted.spec, format!("admin=fd:{raw}"));
         assert!(
-            adopted.local.starts_with("tcp 127.0.0.1:"),
+            adopted.local.to_string().starts_with("tcp 127.0.0.1:"),
             "{}",
             adopted.local
         );
@@ -1128,7 +1114,10 @@ mod tests {
         let raw = OwnedFd::from(sock).into_raw_fd();
         let listeners = bind(&[&format!("fd:{raw}")]).unwrap();
         assert_eq!(listeners[0].kind, SocketKind::Datagram);
-        assert_eq!(listeners[0].local, format!("udp 127.0.0.1:{port}"));
+        assert_eq!(
+            listeners[0].local.to_string(),
+            format!("udp 127.0.0.1:{port}")
+        );
         assert_eq!(listeners[0].name, "unknown");
     }
 

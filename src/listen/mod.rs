@@ -2,7 +2,9 @@
 //! fds grace inherited) into close-on-exec listeners.
 
 mod bind;
+mod local;
 mod spec;
 
 pub use bind::{BindOptions, Listener, SocketKind, bind_all};
+pub use local::{Local, Proto};
 pub use spec::{Addr, ListenSpec};

@@ -8,6 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use super::local::Proto;
+
 /// systemd's limit for a name in `LISTEN_FDNAMES` (`FDNAME_MAX`).
 const MAX_NAME_LEN: usize = 255;
 
@@ -68,12 +70,6 @@ pub enum Host {
 pub enum Family {
     V4,
     V6,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proto {
-    Tcp,
-    Udp,
 }
 
 impl FromStr for ListenSpec {
