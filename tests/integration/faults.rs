@@ -396,12 +396,10 @@ fn sigterm_right_behind_sigusr2_is_not_lost_in_the_reexec() {
     );
 }
 
-#[test]
-fn a_crash_seen_in_the_same_wakeup_as_a_restart_is_not_lost() {
+/// Kills the server while grace is stopped, then sends SIGUSR2: grace wakes to both at once.
+/// Returns the dead server's pid.
+fn crash_during_usr2(s: &Setup) -> i32 {
     use nix::sys::signal::Signal::*;
-    // Exits are handled before the signals of the same wake-up: the crash comes first, and
-    // under `--on-crash restart` the restart then replaces the crashed generation.
-    let s = start(&["--on-crash", "restart"]);
     let server = s.grace.serving_pids()[0];
     signal_pid(s.grace.pid(), SIGSTOP);
     signal_pid(server, SIGKILL);
@@ -410,6 +408,15 @@ fn a_crash_seen_in_the_same_wakeup_as_a_restart_is_not_lost() {
     });
     signal_pid(s.grace.pid(), SIGUSR2);
     signal_pid(s.grace.pid(), SIGCONT);
+    server
+}
+
+#[test]
+fn a_crash_seen_in_the_same_wakeup_as_a_restart_is_not_lost() {
+    // Exits are handled before the signals of the same wake-up: the crash comes first, and
+    // under `--on-crash restart` the restart then replaces the crashed generation.
+    let s = start(&["--on-crash", "restart"]);
+    let server = crash_during_usr2(&s);
     // The exit is handled before the re-exec (not forgotten by it), and the restart's
     // generation takes over.
     s.grace
@@ -433,16 +440,8 @@ fn a_crash_seen_in_the_same_wakeup_as_a_restart_is_not_lost() {
 
 #[test]
 fn a_crash_seen_in_the_same_wakeup_as_a_restart_exits_under_on_crash_exit() {
-    use nix::sys::signal::Signal::*;
     let mut s = start(&[]);
-    let server = s.grace.serving_pids()[0];
-    signal_pid(s.grace.pid(), SIGSTOP);
-    signal_pid(server, SIGKILL);
-    wait_for("the server to die", T, || {
-        (proc_state(server) == Some('Z')).then_some(())
-    });
-    signal_pid(s.grace.pid(), SIGUSR2);
-    signal_pid(s.grace.pid(), SIGCONT);
+    crash_during_usr2(&s);
     // The crash was first: grace exits with its status and never re-executes around it.
     let status = s.grace.wait_exit(T);
     assert_eq!(status.code(), Some(137), "{}", s.grace.describe());
