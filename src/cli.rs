@@ -8,7 +8,6 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use nix::sys::signal::Signal;
 
 use crate::duration::parse_duration;
-use crate::inject::InjectMode;
 use crate::listen::ListenSpec;
 use crate::readiness::ReadyMode;
 use crate::signals::parse_signal;
@@ -218,4 +217,15 @@ mod tests {
         assert!(parse_mode("999").is_err());
         assert!(parse_mode("17777").is_err());
     }
+}
+
+/// `--inject`: when grace preloads its socket library into the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InjectMode {
+    /// When the command is a dynamically linked program that does not itself read LISTEN_FDS.
+    Auto,
+    /// Whenever the command can load it; a statically linked command is refused.
+    Always,
+    /// Never: the server gets the sockets by socket activation only.
+    Never,
 }

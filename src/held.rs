@@ -3,10 +3,11 @@
 //! come from [`Held::carried`] and [`Held::adopt`], over the same [`Role`]s.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::Path;
 
 use anyhow::Context;
 
-use crate::control::ControlServer;
+use crate::control::{CarriedClient, CarriedSocket, ControlServer};
 use crate::handoff::{Carried, Role};
 use crate::inject;
 use crate::listen::Listener;
@@ -50,7 +51,25 @@ impl Held {
             .map(|(pid, fd)| (fd, Role::Pidfd { pid }));
         listeners
             .chain(notify)
-            .chain(self.control.carried())
+            .chain(self.control.sockets().map(|(fd, display, path)| {
+                (
+                    fd,
+                    Role::Control {
+                        display: display.to_string(),
+                        path: path.map(Path::to_path_buf),
+                    },
+                )
+            }))
+            .chain(self.control.clients().map(|(fd, id, partial, deadline)| {
+                (
+                    fd,
+                    Role::Client {
+                        id,
+                        partial,
+                        deadline,
+                    },
+                )
+            }))
             .chain(library)
             .chain(pidfds)
             .collect()
@@ -72,7 +91,8 @@ impl Held {
     pub fn adopt(carried: &[Carried]) -> anyhow::Result<Held> {
         let mut listeners = Vec::new();
         let mut notify = None;
-        let mut control = Vec::new();
+        let mut sockets = Vec::new();
+        let mut clients = Vec::new();
         let mut pidfds = Vec::new();
         for Carried { fd, role } in carried {
             let owned = sys::adopt_fd(*fd).with_context(|| format!("adopting fd {fd}"))?;
@@ -88,7 +108,21 @@ impl Held {
                     owned, name, kind, local, unix_path, spec,
                 )),
                 Role::Notify { name } => notify = Some(NotifySocket::from_fd(owned, name)?),
-                role @ (Role::Control { .. } | Role::Client { .. }) => control.push((owned, role)),
+                Role::Control { display, path } => sockets.push(CarriedSocket {
+                    fd: owned,
+                    display,
+                    path,
+                }),
+                Role::Client {
+                    id,
+                    partial,
+                    deadline,
+                } => clients.push(CarriedClient {
+                    fd: owned,
+                    id,
+                    partial,
+                    deadline,
+                }),
                 Role::Library => inject::adopt_library(owned),
                 Role::Pidfd { pid } => pidfds.push((pid, owned)),
             }
@@ -96,7 +130,7 @@ impl Held {
         Ok(Held {
             listeners,
             notify: notify.context("the handoff record has no notify socket")?,
-            control: ControlServer::adopt(control)?,
+            control: ControlServer::adopt(sockets, clients)?,
             pidfds: Pidfds::adopt(pidfds),
         })
     }

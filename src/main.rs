@@ -9,6 +9,7 @@ mod control;
 mod duration;
 mod event_loop;
 mod exit;
+mod fields;
 mod handoff;
 mod held;
 mod inject;

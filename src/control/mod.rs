@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-pub use server::ControlServer;
+pub use server::{CarriedClient, CarriedSocket, ControlServer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {

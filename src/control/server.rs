@@ -17,7 +17,6 @@ use nix::sys::socket::{getsockopt, sockopt};
 use tracing::{debug, info, warn};
 
 use super::{Request, abstract_name};
-use crate::handoff::Role;
 use crate::listen::{Addr, BindOptions, ListenSpec, bind_all};
 use crate::supervisor::{ClientId, Event, Millis};
 use crate::throttle::Throttle;
@@ -33,7 +32,22 @@ const MAX_REQUEST: usize = 256;
 /// How long the sockets rest after an accept error (e.g. out of fds).
 const PAUSE: Millis = 100;
 
-pub struct ControlSocket {
+/// A control socket handed over by the previous image.
+pub struct CarriedSocket {
+    pub fd: OwnedFd,
+    pub display: String,
+    pub path: Option<PathBuf>,
+}
+
+/// A connected client handed over by the previous image (see [`ControlServer::clients`]).
+pub struct CarriedClient {
+    pub fd: OwnedFd,
+    pub id: ClientId,
+    pub partial: String,
+    pub deadline: Option<Millis>,
+}
+
+struct ControlSocket {
     listener: UnixListener,
     /// `@grace/control/N` or the path.
     display: String,
@@ -118,74 +132,62 @@ impl ControlServer {
         }
     }
 
-    /// Rebuilds the server from what the previous image handed over: a socket for each
-    /// [`Role::Control`], a client for each [`Role::Client`] (a deadline of 0: waiting for the
-    /// supervisor's answer).
-    pub fn adopt(carried: Vec<(OwnedFd, Role)>) -> anyhow::Result<Self> {
-        let mut sockets = Vec::new();
-        let mut clients = Vec::new();
-        for (fd, role) in carried {
-            match role {
-                Role::Control { display, path } => {
-                    let listener = UnixListener::from(fd);
-                    listener.set_nonblocking(true)?;
-                    sockets.push(ControlSocket {
-                        listener,
-                        display,
-                        path,
-                    });
-                }
-                Role::Client {
-                    id,
-                    partial,
-                    deadline,
-                } => {
-                    let stream = UnixStream::from(fd);
-                    stream.set_nonblocking(true)?;
-                    let stage = if deadline == 0 {
-                        Stage::Answering
-                    } else {
-                        Stage::Reading {
-                            partial: partial.into_bytes(),
-                            deadline,
-                        }
-                    };
-                    clients.push(Conn { id, stream, stage });
-                }
-                _ => {}
-            }
+    /// Rebuilds the server from what the previous image handed over.
+    pub fn adopt(sockets: Vec<CarriedSocket>, clients: Vec<CarriedClient>) -> anyhow::Result<Self> {
+        let mut listeners = Vec::new();
+        for CarriedSocket { fd, display, path } in sockets {
+            let listener = UnixListener::from(fd);
+            listener.set_nonblocking(true)?;
+            listeners.push(ControlSocket {
+                listener,
+                display,
+                path,
+            });
         }
-        Ok(Self::with(sockets, clients))
+        let mut conns = Vec::new();
+        for CarriedClient {
+            fd,
+            id,
+            partial,
+            deadline,
+        } in clients
+        {
+            let stream = UnixStream::from(fd);
+            stream.set_nonblocking(true)?;
+            let stage = match deadline {
+                Some(deadline) => Stage::Reading {
+                    partial: partial.into_bytes(),
+                    deadline,
+                },
+                None => Stage::Answering,
+            };
+            conns.push(Conn { id, stream, stage });
+        }
+        Ok(Self::with(listeners, conns))
     }
 
-    /// What crosses the re-exec: the sockets and every connected client.
-    pub fn carried(&self) -> Vec<(BorrowedFd<'_>, Role)> {
-        let sockets = self.sockets.iter().map(|c| {
-            (
-                c.listener.as_fd(),
-                Role::Control {
-                    display: c.display.clone(),
-                    path: c.path.clone(),
-                },
-            )
-        });
-        let clients = self.clients.iter().map(|c| {
+    /// The sockets, to carry across the re-exec.
+    pub fn sockets(&self) -> impl Iterator<Item = (BorrowedFd<'_>, &str, Option<&Path>)> {
+        self.sockets
+            .iter()
+            .map(|c| (c.listener.as_fd(), c.display.as_str(), c.path.as_deref()))
+    }
+
+    /// Every connected client, to carry across the re-exec: its id, its request so far and the
+    /// deadline for the rest (none: its request went to the supervisor).
+    pub fn clients(
+        &self,
+    ) -> impl Iterator<Item = (BorrowedFd<'_>, ClientId, String, Option<Millis>)> {
+        self.clients.iter().map(|c| {
             let (partial, deadline) = match &c.stage {
-                Stage::Reading { partial, deadline } => {
-                    (String::from_utf8_lossy(partial).into_owned(), *deadline)
-                }
-                Stage::Answering | Stage::Holding => (String::new(), 0),
+                Stage::Reading { partial, deadline } => (
+                    String::from_utf8_lossy(partial).into_owned(),
+                    Some(*deadline),
+                ),
+                Stage::Answering | Stage::Holding => (String::new(), None),
             };
-            (
-                c.stream.as_fd(),
-                Role::Client {
-                    id: c.id,
-                    partial,
-                    deadline,
-                },
-            )
-        });
-        sockets.chain(clients).collect()
+            (c.stream.as_fd(), c.id, partial, deadline)
+        })
     }
 
     /// The fds to wait on: the sockets (unless resting after an error) and the clients still

@@ -1,7 +1,7 @@
 //! The versioned record one grace image hands to the next across `execve`.
 //!
 //! It travels in the `GRACE_HANDOFF` environment variable of the new image only (it is never
-//! passed on to a server), as lines of space-separated fields ([`codec`]). It holds the
+//! passed on to a server), as lines of space-separated fields (`fields.rs`). It holds the
 //! supervisor's whole state and one `fd` line per descriptor that survives the exec, with the
 //! [`Role`] that says what it is. A new field may be added to a version as long as the decoder
 //! skips unknown keys; anything that changes the meaning of an existing one needs a new version.
@@ -13,13 +13,12 @@
 //! versions it can adopt, and exits.
 
 mod check;
-pub mod codec;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use crate::fields::{Fields, esc, opt, opt_text};
 pub use check::check_new_binary;
-use codec::{Fields, esc, opt_text};
 
 use crate::listen::{Local, SocketKind};
 use crate::supervisor::{ClientId, Millis, STATE_KEYS, State};
@@ -51,12 +50,12 @@ pub enum Role {
         display: String,
         path: Option<PathBuf>,
     },
-    /// A connected control client: its request so far, until `deadline` (or waiting for a
-    /// restart's outcome, when the supervisor's state names it).
+    /// A connected control client: its request so far and the deadline for the rest; none once
+    /// its request went to the supervisor (a `grace restart` waiting for the outcome).
     Client {
         id: ClientId,
         partial: String,
-        deadline: Millis,
+        deadline: Option<Millis>,
     },
     /// The memfd of grace's socket library (`--inject`), which running generations load by its
     /// fd number.
@@ -107,7 +106,7 @@ impl Record {
                     id,
                     partial,
                     deadline,
-                } => format!("client {id} {} {deadline}", esc(partial)),
+                } => format!("client {id} {} {}", esc(partial), opt(*deadline)),
                 Role::Library => "library".to_string(),
                 Role::Pidfd { pid } => format!("pidfd {pid}"),
             };
@@ -231,7 +230,7 @@ fn role_of(f: &Fields<'_>) -> Result<Role, String> {
         "client" => Role::Client {
             id: f.num(3)?,
             partial: f.text(4)?,
-            deadline: f.num(5)?,
+            deadline: f.opt_num(5)?,
         },
         "library" => Role::Library,
         "pidfd" => Role::Pidfd { pid: f.num(3)? },

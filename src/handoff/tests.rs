@@ -81,12 +81,12 @@ fn sample(fds: &Fds, kids: &[Child]) -> Record {
         Role::Client {
             id: 7,
             partial: String::new(),
-            deadline: 5,
+            deadline: None,
         },
         Role::Client {
             id: 8,
             partial: "rest".into(),
-            deadline: 6,
+            deadline: Some(6),
         },
         Role::Library,
         Role::Pidfd { pid: kids[0].pid() },

@@ -22,14 +22,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use clap::ValueEnum;
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 use nix::sys::statvfs::{FsFlags, statvfs};
 use tracing::{debug, info, warn};
 
-use crate::cli::RunArgs;
+use crate::cli::{InjectMode, RunArgs};
 use crate::exit::{self, ExitError};
 use crate::listen::{Listener, Proto};
 use crate::sys;
@@ -70,16 +69,6 @@ const ACTIVATION_MARK: &[u8] = b"LISTEN_FDS";
 
 /// The start of a Go binary's build information (`.go.buildinfo`), dynamically linked or not.
 const GO_MARK: &[u8] = b"\xff Go buildinf:";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum InjectMode {
-    /// When the command is a dynamically linked program that does not itself read LISTEN_FDS.
-    Auto,
-    /// Whenever the command can load it; a statically linked command is refused.
-    Always,
-    /// Never: the server gets the sockets by socket activation only.
-    Never,
-}
 
 /// What running a command would make of the library.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 
 use super::{Cause, GenId, GenState, Generation, Millis, Outcome, Phase, Waiter};
-use crate::handoff::codec::{Fields, esc, flag, opt, opt_text};
+use crate::fields::{Fields, esc, flag, opt, opt_text};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {

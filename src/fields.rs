@@ -1,4 +1,4 @@
-//! The text form of the handoff record: one item per line, space-separated fields, the first one a
+//! The text form of the handoff record (`handoff/`, and the supervisor's state in it): one item per line, space-separated fields, the first one a
 //! key. Strings are percent-encoded so that no field holds a space or a newline; `-` alone means
 //! "none", so a literal `-` is encoded too.
 
