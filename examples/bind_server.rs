@@ -59,7 +59,9 @@ fn main() -> ExitCode {
         match TcpListener::bind(addr) {
             Ok(l) => listeners.push(l),
             Err(e) => {
-                eprintln!("bind_server: binding {addr}: {e}");
+                // One write, so that the line arrives whole beside grace's own on a shared pipe.
+                let line = format!("bind_server: binding {addr}: {e}\n");
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
                 return ExitCode::from(1);
             }
         }

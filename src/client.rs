@@ -2,6 +2,7 @@
 //! a running grace (or print what the CLI looks like).
 
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::CommandFactory;
@@ -24,13 +25,42 @@ fn target(args: &ClientArgs) -> anyhow::Result<Target> {
 fn read_pid(path: &Path) -> anyhow::Result<i32> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading pid file {}", path.display()))?;
-    text.trim().parse().with_context(|| {
+    let pid: i32 = text.trim().parse().with_context(|| {
         format!(
             "pid file {}: {:?} is not a pid",
             path.display(),
             text.trim()
         )
-    })
+    })?;
+    // grace writes its pid file at start-up (and again at each re-exec): a process with that pid
+    // that started later is not the grace that wrote it.
+    let written = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    if let (Some(written), Some(started)) = (written, started_at(pid))
+        && written + Duration::from_secs(2) < started
+    {
+        bail!(
+            "pid file {} is stale: pid {pid} started after the file was written (is grace running?)",
+            path.display()
+        );
+    }
+    Ok(pid)
+}
+
+/// When process `pid` started, from `/proc` (its start in clock ticks after boot, and the boot
+/// time).
+fn started_at(pid: i32) -> Option<SystemTime> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let ticks: u64 = stat[stat.rfind(')')? + 2..]
+        .split(' ')
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let boot: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as u64;
+    Some(UNIX_EPOCH + Duration::from_secs(boot) + Duration::from_millis(ticks * 1000 / hz.max(1)))
 }
 
 fn failed(message: String) -> anyhow::Error {

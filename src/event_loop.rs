@@ -19,8 +19,8 @@ use crate::exit::{self, ExitError};
 use crate::handoff::{self, Record};
 use crate::held::Held;
 use crate::inject;
+use crate::members::Members;
 use crate::notify::lineage;
-use crate::pidfds::group_empty;
 use crate::probe::Probes;
 use crate::signals::{SignalEvent, Signals, classify};
 use crate::spawn;
@@ -36,6 +36,8 @@ pub struct EventLoop {
     signals: Signals,
     held: Held,
     probes: Probes,
+    /// Which processes are each generation's.
+    members: Members,
     /// The grace binary to re-execute, resolved at start-up.
     grace_exe: PathBuf,
     /// The last status written to `--status-file`.
@@ -55,12 +57,14 @@ impl EventLoop {
         grace_exe: PathBuf,
     ) -> Self {
         let probes = Probes::new(args.ready.clone());
+        let members = Members::detect(sup.generations().is_empty());
         Self {
             args,
             sup,
             signals,
             held,
             probes,
+            members,
             grace_exe,
             status_written: String::new(),
             reexec_due: false,
@@ -196,14 +200,18 @@ impl EventLoop {
         // Whether a group is empty is only known once its reparented workers, which the kernel
         // may report after their leader, have been reaped too: hence after the loop.
         for (pid, code) in leaders {
+            let group_empty = match self.sup.gen_of_pgid(pid) {
+                Some(generation) => self.members.empty(generation, pid),
+                None => true,
+            };
             events.push_back(Event::Exited {
                 pid,
                 code,
-                group_empty: group_empty(pid),
+                group_empty,
             });
         }
         for g in self.sup.generations() {
-            if g.leader_status.is_some() && group_empty(g.pid) {
+            if g.leader_status.is_some() && self.members.empty(g.id, g.pid) {
                 events.push_back(Event::GroupGone { generation: g.id });
             }
         }
@@ -225,7 +233,10 @@ impl EventLoop {
             Action::Probe { generation, pid } => self.probes.start(generation, pid, now()),
             Action::EndProbe { generation } => self.probes.end(generation),
             Action::Signal { pid, signal } => self.held.pidfds.signal(pid, signal),
-            Action::KillGroup { pgid } => self.held.pidfds.kill_group(pgid),
+            Action::KillGroup { pgid } => match self.sup.gen_of_pgid(pgid) {
+                Some(generation) => self.members.kill(generation, pgid),
+                None => warn!("no generation leads process group {pgid}: not killed"),
+            },
             Action::Reply { client, line, hold } => self.held.control.reply(client, &line, hold),
             Action::Status { client, text } => {
                 let view = status::View {
@@ -284,8 +295,16 @@ impl EventLoop {
                     fds,
                 )
             });
+        let cgroup = self.members.prepare(generation);
         let spawned = match planned {
-            Ok(mut plan) => sys::spawn(&mut plan).map_err(|errno| {
+            Ok(mut plan) => {
+                plan.die_with_grace(self.args.stop_signal);
+                if let Some(procs) = &cgroup {
+                    plan.join_cgroup(procs.as_fd());
+                }
+                sys::spawn(&mut plan)
+            }
+            .map_err(|errno| {
                 (
                     format!("cannot execute {}: {}", program.display(), errno.desc()),
                     exit::code_of_exec_errno(errno),
@@ -347,12 +366,17 @@ impl EventLoop {
         format!("re-executing {}: {}", self.grace_exe.display(), err.desc())
     }
 
-    /// Drops the pidfds of generations the supervisor no longer has.
+    /// Drops the pidfds and cgroups of generations the supervisor no longer has.
     fn forget_gone_leaders(&mut self) {
         let sup = &self.sup;
         self.held
             .pidfds
             .retain(|pid| sup.generations().iter().any(|g| g.pid == pid));
+        for generation in self.members.known() {
+            if sup.generation(generation).is_none() {
+                self.members.forget(generation);
+            }
+        }
     }
 
     /// Rewrites `--status-file` when something in it changed (uptimes aside).
@@ -386,6 +410,7 @@ impl EventLoop {
             let _ = std::fs::remove_file(path);
         }
         self.held.remove_files();
+        self.members.remove_all();
         self.held.control.farewell();
     }
 }

@@ -14,6 +14,7 @@ mod handoff;
 mod held;
 mod inject;
 mod listen;
+mod members;
 mod notify;
 mod pidfds;
 mod probe;

@@ -6,7 +6,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tracing::debug;
 
@@ -60,22 +60,9 @@ impl Pidfds {
         }
     }
 
-    /// SIGKILL to a whole process group. Groups have no pidfd: the supervisor never asks for a
-    /// group it knows to be empty, and a group's id is not reused while any member lives.
-    pub fn kill_group(&self, pgid: i32) {
-        if let Err(e) = killpg(Pid::from_raw(pgid), Signal::SIGKILL) {
-            debug!("killing process group {pgid}: {e}");
-        }
-    }
-
     pub fn carried(&self) -> impl Iterator<Item = (i32, BorrowedFd<'_>)> {
         self.fds.iter().map(|(pid, fd)| (*pid, fd.as_fd()))
     }
-}
-
-/// Whether nothing is left in process group `pgid`.
-pub fn group_empty(pgid: i32) -> bool {
-    killpg(Pid::from_raw(pgid), None) == Err(Errno::ESRCH)
 }
 
 #[cfg(test)]

@@ -19,6 +19,22 @@ pub struct ExecPlan {
     listen_pid_slot: Option<usize>,
     /// Sockets to place at fds 3, 4, … in this order.
     fds: Vec<RawFd>,
+    /// What else the child does before `execve`.
+    setup: ChildSetup,
+}
+
+/// What a child does for itself between `fork` and `execve`, besides its fds and signals.
+#[derive(Clone, Copy)]
+struct ChildSetup {
+    /// The signal it gets when grace dies (`PR_SET_PDEATHSIG`), or 0.
+    death_signal: libc::c_int,
+    /// grace's pid: a child whose parent is already gone by the time it set the death signal
+    /// exits at once.
+    parent: libc::pid_t,
+    /// `cgroup.procs` of its generation's cgroup, to move itself there, or -1.
+    cgroup_procs: RawFd,
+    /// The pipe on which a failed `execve` reports its errno (set by `spawn`).
+    report: RawFd,
 }
 
 /// Room for `LISTEN_PID=` plus the digits of any pid and the terminating NUL.
@@ -45,7 +61,27 @@ impl ExecPlan {
             env,
             listen_pid_slot,
             fds,
+            setup: ChildSetup {
+                death_signal: 0,
+                parent: 0,
+                cgroup_procs: -1,
+                report: -1,
+            },
         }
+    }
+
+    /// The child gets `signal` if grace dies (even by SIGKILL), so it does not outlive it holding
+    /// the sockets.
+    pub fn die_with_grace(&mut self, signal: nix::sys::signal::Signal) {
+        self.setup.death_signal = signal as libc::c_int;
+        self.setup.parent = std::process::id() as libc::pid_t;
+    }
+
+    /// The child moves itself into the cgroup whose `cgroup.procs` this is, before it execs (so
+    /// that everything it ever forks is in there too). The fd must stay open until `spawn`
+    /// returns.
+    pub fn join_cgroup(&mut self, procs: BorrowedFd<'_>) {
+        self.setup.cgroup_procs = procs.as_raw_fd();
     }
 }
 
@@ -89,7 +125,10 @@ pub fn spawn(plan: &mut ExecPlan) -> Result<Pid, Errno> {
                 listen_pid_digits,
                 &plan.fds,
                 &mut scratch,
-                report_write.as_raw_fd(),
+                ChildSetup {
+                    report: report_write.as_raw_fd(),
+                    ..plan.setup
+                },
             )
         }
     }
@@ -135,13 +174,32 @@ unsafe fn child_exec(
     listen_pid_digits: *mut u8,
     fds: &[RawFd],
     scratch: &mut [RawFd],
-    report: RawFd,
+    setup: ChildSetup,
 ) -> ! {
+    let report = setup.report;
     // SAFETY: the whole body makes only async-signal-safe system calls, on memory the parent
     // prepared before the fork (nothing here allocates or takes a lock).
     unsafe {
         // Own process group, so that grace can signal or kill the whole generation.
         libc::setpgid(0, 0);
+        // Its cgroup next, before it can fork anything. A failure leaves it where grace is; grace
+        // still has the process group.
+        if setup.cgroup_procs >= 0 {
+            libc::write(setup.cgroup_procs, b"0".as_ptr().cast(), 1);
+        }
+        if setup.death_signal != 0 {
+            libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                setup.death_signal as libc::c_ulong,
+                0,
+                0,
+                0,
+            );
+            // grace died between the fork and the prctl: nobody would send the signal.
+            if libc::getppid() != setup.parent {
+                libc::_exit(crate::exit::FAILURE);
+            }
+        }
 
         // Dispositions back to default (a handler does not survive exec, but SIG_IGN would), then
         // an empty mask: grace blocks signals for itself, the server must not inherit that.
@@ -360,6 +418,17 @@ pub fn adopt_fd(fd: RawFd) -> Result<OwnedFd, Errno> {
     Errno::result(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
     // SAFETY: the fd is open (checked above) and the caller hands us its only ownership.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// This process's PID namespace, by its inode number (`/proc/self/ns/pid` is `pid:[N]`).
+pub fn pid_namespace() -> String {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .and_then(|link| {
+            let text = link.to_string_lossy().into_owned();
+            Some(text.strip_prefix("pid:[")?.strip_suffix(']')?.to_string())
+        })
+        .unwrap_or_else(|| "0".to_string())
 }
 
 /// Whether `fd` is an open descriptor of this process.

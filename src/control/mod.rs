@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use nix::sys::socket::{getsockopt, sockopt};
 
 pub use server::{CarriedClient, CarriedSocket, ControlServer};
 
@@ -55,9 +56,12 @@ impl Request {
     }
 }
 
-/// The abstract address of the control socket of the grace with this pid.
+/// The abstract address of the control socket of the grace with this pid in this PID namespace.
+/// Abstract names belong to the network namespace, which containers (`--network host`, a
+/// Kubernetes pod) may share while each has its own PID namespace and its own PID 1: the PID
+/// namespace in the name keeps their graces apart.
 pub fn abstract_name(pid: i32) -> String {
-    format!("grace/control/{pid}")
+    format!("grace/control/{}/{pid}", crate::sys::pid_namespace())
 }
 
 /// Where the client finds the running grace.
@@ -68,18 +72,44 @@ pub enum Target {
 }
 
 impl Target {
+    /// Connects, then checks who answered (`SO_PEERCRED`): the pid meant, if one was, and this
+    /// user or root. Abstract names have no permissions, and a stale pid file may name anyone.
     pub fn connect(&self) -> anyhow::Result<UnixStream> {
-        match self {
-            Target::Path(path) => UnixStream::connect(path)
-                .with_context(|| format!("connecting to the control socket {}", path.display())),
+        let (stream, shown, expected) = match self {
+            Target::Path(path) => {
+                let stream = UnixStream::connect(path).with_context(|| {
+                    format!("connecting to the control socket {}", path.display())
+                })?;
+                (stream, path.display().to_string(), None)
+            }
             Target::Pid(pid) => {
                 let name = abstract_name(*pid);
                 let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-                UnixStream::connect_addr(&addr).with_context(|| {
-                    format!("connecting to grace (pid {pid}) on @{name}; is it running, and in this network namespace?")
-                })
+                let stream = UnixStream::connect_addr(&addr).with_context(|| {
+                    format!("connecting to grace (pid {pid}) on @{name}; is it running, in this PID and network namespace?")
+                })?;
+                (stream, format!("@{name}"), Some(*pid))
             }
+        };
+        let cred = getsockopt(&stream, sockopt::PeerCredentials)
+            .with_context(|| format!("reading the credentials of the peer on {shown}"))?;
+        let me = nix::unistd::getuid().as_raw();
+        if cred.uid() != me && cred.uid() != 0 {
+            bail!(
+                "refusing to talk to {shown}: it is held by pid {} of uid {}, neither this user nor root",
+                cred.pid(),
+                cred.uid()
+            );
         }
+        if let Some(pid) = expected
+            && cred.pid() != pid
+        {
+            bail!(
+                "refusing to talk to {shown}: it is held by pid {}, not grace's pid {pid}",
+                cred.pid()
+            );
+        }
+        Ok(stream)
     }
 }
 
