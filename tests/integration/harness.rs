@@ -77,6 +77,25 @@ impl Grace {
         grace
     }
 
+    /// grace on `listen` with the example server, once it serves; its output if it exits first
+    /// (the address is taken, say).
+    pub fn serve_on(listen: &str) -> Result<Grace, String> {
+        let server = example("server");
+        let mut grace = Grace::start(&["run", "--listen", listen, "--", server.to_str().unwrap()]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if grace.count_lines(") is serving") > 0 {
+                return Ok(grace);
+            }
+            if let Some(status) = grace.child.try_wait().unwrap() {
+                grace.status = Some(status);
+                return Err(grace.output());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("grace neither served nor exited\n{}", grace.describe());
+    }
+
     /// Runs another program (e.g. `unshare … grace run …`) with the same collection of output.
     pub fn start_raw(program: &str, args: &[&str]) -> Grace {
         Self::spawn(Command::new(program), args, |_| {})

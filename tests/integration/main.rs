@@ -12,5 +12,6 @@ mod pid1;
 mod restart;
 mod rollback;
 mod stop;
+mod trust;
 mod unblocked;
 mod upgrade;

@@ -427,9 +427,28 @@ fn grace_takes_sockets_passed_by_socket_activation() {
     );
     let (status, body) = http_get(addr, "/").unwrap();
     assert_eq!(status, 200, "{body}");
+    let environ = |grace: &crate::harness::Grace| {
+        std::fs::read(format!("/proc/{}/environ", grace.pid())).unwrap()
+    };
+    assert!(
+        contains(&environ(&grace), b"LISTEN_FDS=1"),
+        "the first image got it"
+    );
     grace.signal("USR2");
     grace.wait_line_count(") is serving", 2, T);
     assert_eq!(http_get(addr, "/").unwrap().0, 200);
+    // The re-executed grace no longer carries what systemd passed to the first image.
+    let env = environ(&grace);
+    for var in ["LISTEN_FDS=", "LISTEN_PID=", "LISTEN_FDNAMES="] {
+        assert!(
+            !contains(&env, var.as_bytes()),
+            "{var} still in grace's environment"
+        );
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[test]
