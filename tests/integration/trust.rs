@@ -205,13 +205,7 @@ fn a_grace_killed_with_sigkill_leaves_no_server_holding_the_port() {
     let fresh = wait_for(
         "a new grace on the same port",
         Duration::from_secs(10),
-        || {
-            let grace = Grace::serve_on(&listen);
-            match grace {
-                Ok(g) => Some(g),
-                Err(_) => None,
-            }
-        },
+        || Grace::serve_on(&listen).ok(),
     );
     assert!(killed.elapsed() < Duration::from_secs(10));
     assert_eq!(http_get(addr, "/").unwrap().0, 200);
