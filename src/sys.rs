@@ -344,6 +344,42 @@ pub fn accept_queue_len(listener: BorrowedFd<'_>) -> Result<u32, Errno> {
     Errno::result(rc).map(|_| info.tcpi_unacked)
 }
 
+/// `SO_ATTACH_REUSEPORT_CBPF` (Linux 4.5+; the libc crate defines it for Android only).
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Attaches a classic BPF program to the `SO_REUSEPORT` group of `socket`: from then on it picks
+/// the group member for each new connection (or datagram) by index. Attaching again replaces the
+/// program atomically. No privilege is needed.
+pub fn attach_reuseport_cbpf(
+    socket: BorrowedFd<'_>,
+    program: &[libc::sock_filter],
+) -> Result<(), Errno> {
+    let fprog = libc::sock_fprog {
+        len: program.len() as libc::c_ushort,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: the kernel copies `len` instructions from `filter` during the call; both outlive it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
+/// Bytes waiting in a socket's receive queue (`FIONREAD`; for UDP, the size of the next datagram,
+/// 0 when there is none).
+pub fn receive_queue(socket: BorrowedFd<'_>) -> Result<u32, Errno> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) };
+    Errno::result(rc).map(|_| n.max(0) as u32)
+}
+
 /// Sets `signal` back to its default action if it is ignored; any other disposition stays.
 pub fn unignore(signal: nix::sys::signal::Signal) -> Result<(), Errno> {
     // SAFETY: a zeroed sigaction is a valid out-parameter; a null `act` only reads.
