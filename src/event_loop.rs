@@ -177,6 +177,9 @@ impl EventLoop {
 
     fn reap(&mut self, events: &mut VecDeque<Event>) {
         let mut leaders = Vec::new();
+        // Check verdicts go after the leaders' exits: a check that passed as its generation
+        // died must not make a dead generation current.
+        let mut verdicts = Vec::new();
         loop {
             let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
@@ -187,7 +190,7 @@ impl EventLoop {
             };
             let pid = pid.as_raw();
             if let Some(verdict) = self.probes.reaped(pid, code, now()) {
-                events.push_back(verdict);
+                verdicts.push(verdict);
                 continue;
             }
             self.held.pidfds.reaped(pid);
@@ -215,6 +218,7 @@ impl EventLoop {
                 events.push_back(Event::GroupGone { generation: g.id });
             }
         }
+        events.extend(verdicts);
     }
 
     /// Carries out one action; returns the exit code when grace is done.

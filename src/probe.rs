@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::poll::PollFlags;
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, killpg};
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrStorage, connect, getsockopt, socket, sockopt,
 };
@@ -124,8 +124,9 @@ impl Probes {
                 return true;
             }
             if let Attempt::Running { pid } = p.attempt {
-                // Reaped like every other child.
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                // With whatever it started: it leads its own process group, and is not reaped
+                // yet (it is reaped like every other child), so the group id is still its own.
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
             }
             false
         });

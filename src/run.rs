@@ -1,6 +1,7 @@
 //! `grace run`: block signals, bind the sockets (or adopt them from the previous image), run the
 //! loop, clean up.
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,7 +40,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let policy = policy_of(&args);
     let (sup, held, first) = match std::env::var(handoff::ENV).ok() {
         Some(text) => {
-            let (sup, held) = adopt(&text, policy)?;
+            let (sup, held) = adopt(&text, policy, signals.as_fd().as_raw_fd())?;
             info!("re-executed; continuing the restart");
             (sup, held, Event::Adopted)
         }
@@ -81,15 +82,18 @@ fn bind(args: &RunArgs) -> anyhow::Result<Held> {
 
 /// The previous image's state, once the record passed validation: nothing in it is signalled or
 /// used before that.
-fn adopt(text: &str, policy: Policy) -> anyhow::Result<(Supervisor, Held)> {
-    let record = Record::decode(text)
-        .and_then(|r| r.validate().map(|()| r))
+fn adopt(text: &str, policy: Policy, signalfd: i32) -> anyhow::Result<(Supervisor, Held)> {
+    let mut record = Record::decode(text)
+        .and_then(|r| r.validate(&[signalfd]).map(|()| r))
         .map_err(anyhow::Error::msg)
         .context("adopting the previous image's state")?;
+    for generation in record.drop_unreachable_generations() {
+        warn!("generation {generation}: nothing of it is left to find; forgotten");
+    }
     let held = Held::adopt(&record.fds).inspect_err(|_| {
         // Exiting now would leave the generations running on their own, holding the sockets
-        // with nobody to stop them: take them down with us. (Their pids were validated: > 1
-        // and this process's children.)
+        // with nobody to stop them: take them down with us. (Their pids were validated: each
+        // leader is this process's child, or its group holds one.)
         for (_, pid, _) in record.state.pids() {
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         }

@@ -345,8 +345,10 @@ pub fn accept_queue_len(listener: BorrowedFd<'_>) -> Result<u32, Errno> {
 }
 
 /// `SO_ATTACH_REUSEPORT_CBPF` (Linux 4.5+; the libc crate defines it for Android only).
+#[cfg_attr(not(test), allow(dead_code))]
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
+#[cfg_attr(not(test), allow(dead_code))]
 /// Attaches a classic BPF program to the `SO_REUSEPORT` group of `socket`: from then on it picks
 /// the group member for each new connection (or datagram) by index. Attaching again replaces the
 /// program atomically. No privilege is needed.
@@ -369,15 +371,6 @@ pub fn attach_reuseport_cbpf(
         )
     };
     Errno::result(rc).map(drop)
-}
-
-/// Bytes waiting in a socket's receive queue (`FIONREAD`; for UDP, the size of the next datagram,
-/// 0 when there is none).
-pub fn receive_queue(socket: BorrowedFd<'_>) -> Result<u32, Errno> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int to the pointer, which is valid for the call.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) };
-    Errno::result(rc).map(|_| n.max(0) as u32)
 }
 
 /// Sets `signal` back to its default action if it is ignored; any other disposition stays.
@@ -471,6 +464,85 @@ pub fn pid_namespace() -> String {
 pub fn fd_is_open(fd: RawFd) -> bool {
     // SAFETY: F_GETFD on a number reads its flags (or fails with EBADF), touching no memory.
     fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0
+}
+
+/// Whether `pid` is a child of this process (running, or exited and not yet reaped). Asks the
+/// kernel (`waitid` without reaping), so it needs no `/proc`.
+pub fn is_child(pid: i32) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    pid > 0 && waitid(Id::Pid(Pid::from_raw(pid)), flags).is_ok()
+}
+
+/// Whether process group `pgid` holds a child of this process.
+pub fn group_has_child(pgid: i32) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    pgid > 1 && waitid(Id::PGid(Pid::from_raw(pgid)), flags).is_ok()
+}
+
+/// What an inherited fd is, as far as the handoff record cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FdKind {
+    /// A socket: its family (`AF_*`), type (`SOCK_*`) and whether it listens.
+    Socket {
+        family: i32,
+        stream: bool,
+        listening: bool,
+    },
+    /// A pidfd (a signal 0 through it is understood).
+    Pidfd,
+    RegularFile,
+    Other,
+}
+
+pub fn fd_kind(fd: RawFd) -> Result<FdKind, Errno> {
+    // SAFETY: stat is plain data; all zeroes is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one struct into `st`, which is valid for the call.
+    Errno::result(unsafe { libc::fstat(fd, &mut st) })?;
+    match st.st_mode & libc::S_IFMT {
+        libc::S_IFSOCK => {
+            let int_opt = |level, name| -> Result<libc::c_int, Errno> {
+                let mut v: libc::c_int = 0;
+                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: the kernel writes at most `len` bytes into `v`.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        fd,
+                        level,
+                        name,
+                        (&mut v as *mut libc::c_int).cast(),
+                        &mut len,
+                    )
+                };
+                Errno::result(rc).map(|_| v)
+            };
+            Ok(FdKind::Socket {
+                family: int_opt(libc::SOL_SOCKET, libc::SO_DOMAIN)?,
+                stream: int_opt(libc::SOL_SOCKET, libc::SO_TYPE)? == libc::SOCK_STREAM,
+                listening: int_opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN).unwrap_or(0) != 0,
+            })
+        }
+        libc::S_IFREG => Ok(FdKind::RegularFile),
+        _ => {
+            // SAFETY: signal 0 through a pidfd only checks that the process can be signalled;
+            // on any other fd the kernel refuses with EBADF or EINVAL.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd,
+                    0,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0 as libc::c_uint,
+                )
+            };
+            match Errno::result(rc) {
+                Ok(_) | Err(Errno::ESRCH) | Err(Errno::EPERM) => Ok(FdKind::Pidfd),
+                Err(_) => Ok(FdKind::Other),
+            }
+        }
+    }
 }
 
 /// The parent of `pid`, from `/proc` (a zombie keeps its parent until it is reaped).

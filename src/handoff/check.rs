@@ -56,9 +56,22 @@ pub fn check_new_binary(exe: &Path) -> Result<(), String> {
         out.read_some();
         err.read_some();
     }
-    let status = child
-        .wait()
-        .map_err(|e| format!("waiting for the handoff check: {e}"))?;
+    // Its pipes are closed, but it may still run (it closed them itself): bounded too.
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if now() < deadline => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{} did not answer the handoff check",
+                    exe.display()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for the handoff check: {e}")),
+        }
+    };
     let (out, err) = (out.text, err.text);
     let readable = out.split_whitespace().any(|v| v == VERSION.to_string());
     if status.success() && readable {

@@ -148,13 +148,18 @@ impl Record {
         })
     }
 
-    /// Checks the record against this process before anything in it is used: every generation's
-    /// pid is > 1 and not grace's own, and one whose leader has not been reaped is a child of this
-    /// process; every fd is ≥ 3, named once and open; there is one notify socket; pidfds and
-    /// waiting clients belong to what the record names.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the record against this process before anything in it is used: it was written
+    /// in the middle of a re-exec; every generation's pid is > 1 and not grace's own, and one
+    /// whose leader has not been reaped is a child of this process (asked of the kernel, not of
+    /// `/proc`); every fd is ≥ 3, named once, open, not one this image opened itself (`own`), and
+    /// of the kind its role says; there is one notify socket; pidfds, clients and waiting clients
+    /// are named once and belong to what the record names.
+    pub fn validate(&self, own: &[i32]) -> Result<(), String> {
         let refuse = |why: String| Err(format!("handoff record refused: {why}"));
         self.state.check().or_else(refuse)?;
+        if !self.state.mid_reexec() {
+            return refuse("it was not written during a re-exec".into());
+        }
         let me = std::process::id() as i32;
         let own_group = nix::unistd::getpgrp().as_raw();
         let pids: Vec<(u64, i32, bool)> = self.state.pids().collect();
@@ -162,7 +167,7 @@ impl Record {
             if pid <= 1 || pid == me || pid == own_group {
                 return refuse(format!("generation {generation} names pid {pid}"));
             }
-            if leader_alive && crate::sys::parent_of(pid) != Some(me) {
+            if leader_alive && !crate::sys::is_child(pid) {
                 return refuse(format!(
                     "generation {generation}'s pid {pid} is not a child of this process"
                 ));
@@ -177,8 +182,16 @@ impl Record {
                 return refuse(format!("fd {} is named twice", c.fd));
             }
             seen.push(c.fd);
+            if own.contains(&c.fd) {
+                return refuse(format!("fd {} is one this image opened itself", c.fd));
+            }
             if !crate::sys::fd_is_open(c.fd) {
                 return refuse(format!("fd {} is not open", c.fd));
+            }
+            let kind = crate::sys::fd_kind(c.fd)
+                .map_err(|e| format!("handoff record refused: fd {}: {e}", c.fd))?;
+            if !fits(&c.role, kind) {
+                return refuse(format!("fd {} is not {}", c.fd, what(&c.role)));
             }
         }
         let notify = self
@@ -189,25 +202,116 @@ impl Record {
         if notify != 1 {
             return refuse(format!("{notify} notify sockets (expected 1)"));
         }
+        let mut pidfd_pids = Vec::new();
+        let mut clients: Vec<ClientId> = Vec::new();
         for c in &self.fds {
-            if let Role::Pidfd { pid } = c.role
-                && !pids.iter().any(|&(_, p, _)| p == pid)
-            {
-                return refuse(format!("pidfd {} is for pid {pid}, not a generation", c.fd));
+            match c.role {
+                Role::Pidfd { pid } => {
+                    if !pids.iter().any(|&(_, p, _)| p == pid) {
+                        return refuse(format!(
+                            "pidfd {} is for pid {pid}, not a generation",
+                            c.fd
+                        ));
+                    }
+                    if pidfd_pids.contains(&pid) {
+                        return refuse(format!("two pidfds for pid {pid}"));
+                    }
+                    pidfd_pids.push(pid);
+                }
+                Role::Client { id, deadline, .. } => {
+                    if clients.contains(&id) {
+                        return refuse(format!("client {id} is named twice"));
+                    }
+                    // A client past its request waits for a restart's outcome.
+                    if deadline.is_none() && !self.state.clients().any(|w| w == id) {
+                        return refuse(format!("client {id} waits for nothing"));
+                    }
+                    clients.push(id);
+                }
+                _ => {}
             }
         }
-        let clients: Vec<ClientId> = self
-            .fds
-            .iter()
-            .filter_map(|c| match c.role {
-                Role::Client { id, .. } => Some(id),
-                _ => None,
-            })
-            .collect();
         if let Some(id) = self.state.clients().find(|id| !clients.contains(id)) {
             return refuse(format!("waiting client {id} has no fd"));
         }
         Ok(())
+    }
+}
+
+/// Whether an fd of this kind can play `role`.
+fn fits(role: &Role, kind: crate::sys::FdKind) -> bool {
+    use crate::sys::FdKind::{Pidfd, RegularFile, Socket};
+    const UNIX: i32 = nix::libc::AF_UNIX;
+    match (role, kind) {
+        (
+            Role::Listener {
+                kind: SocketKind::Stream,
+                ..
+            },
+            Socket {
+                stream: true,
+                listening,
+                ..
+            },
+        ) => listening,
+        (
+            Role::Listener {
+                kind: SocketKind::Datagram,
+                ..
+            },
+            Socket { stream: false, .. },
+        ) => true,
+        (
+            Role::Notify { .. },
+            Socket {
+                family,
+                stream: false,
+                ..
+            },
+        ) => family == UNIX,
+        (
+            Role::Control { .. },
+            Socket {
+                family,
+                stream: true,
+                listening: true,
+            },
+        ) => family == UNIX,
+        (
+            Role::Client { .. },
+            Socket {
+                family,
+                stream: true,
+                listening: false,
+            },
+        ) => family == UNIX,
+        (Role::Library, RegularFile) => true,
+        (Role::Pidfd { .. }, Pidfd) => true,
+        _ => false,
+    }
+}
+
+fn what(role: &Role) -> &'static str {
+    match role {
+        Role::Listener {
+            kind: SocketKind::Stream,
+            ..
+        } => "a listening stream socket",
+        Role::Listener { .. } => "a datagram socket",
+        Role::Notify { .. } => "a unix datagram socket",
+        Role::Control { .. } => "a listening unix stream socket",
+        Role::Client { .. } => "a connected unix stream socket",
+        Role::Library => "a regular file",
+        Role::Pidfd { .. } => "a pidfd",
+    }
+}
+
+/// Leaves out the generations whose leader was reaped and whose process group holds no child of
+/// this process: nothing of them can be found any more, and their group id could be anyone's.
+impl Record {
+    pub fn drop_unreachable_generations(&mut self) -> Vec<u64> {
+        self.state
+            .retain_gens(|_, pid, leader_alive| leader_alive || crate::sys::group_has_child(pid))
     }
 }
 

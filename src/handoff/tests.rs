@@ -3,14 +3,31 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use super::*;
 use crate::supervisor::state::tests::full;
 
-/// Real descriptors, so that `validate` finds them open.
+/// Real descriptors of the kinds the roles of `sample` need, in that order, so that `validate`
+/// finds them open and fitting.
 struct Fds(Vec<OwnedFd>);
 
 impl Fds {
-    fn new(n: usize) -> Self {
-        Fds((0..n)
-            .map(|_| std::fs::File::open("/dev/null").unwrap().into())
-            .collect())
+    fn new(kids: &[Child]) -> Self {
+        use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+        let (a, b) = UnixStream::pair().unwrap();
+        let control_dir = std::env::temp_dir().join(format!("grace-handoff-{}", kids[0].pid()));
+        let _ = std::fs::create_dir_all(&control_dir);
+        let control = UnixListener::bind(control_dir.join("c.sock")).unwrap();
+        let _ = std::fs::remove_dir_all(&control_dir);
+        Fds(vec![
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap().into(),
+            std::net::UdpSocket::bind("127.0.0.1:0").unwrap().into(),
+            UnixDatagram::unbound().unwrap().into(),
+            control.try_clone().unwrap().into(),
+            control.into(),
+            a.into(),
+            b.into(),
+            std::fs::File::open(std::env::current_exe().unwrap())
+                .unwrap()
+                .into(),
+            crate::sys::pidfd_open(kids[0].pid()).unwrap(),
+        ])
     }
     fn raw(&self, i: usize) -> i32 {
         self.0[i].as_raw_fd()
@@ -50,7 +67,8 @@ fn sample(fds: &Fds, kids: &[Child]) -> Record {
     // Point the generations whose leader runs at our children; 1200's leader was reaped.
     let text = text
         .replace(" 1300 ", &format!(" {} ", kids[0].pid()))
-        .replace(" 1400 ", &format!(" {} ", kids[1].pid()));
+        .replace(" 1400 ", &format!(" {} ", kids[1].pid()))
+        .replace("phase starting 5 crash", "phase reexec");
     state = State::decode(text.lines().map(Fields::new)).unwrap();
     let roles = vec![
         Role::Listener {
@@ -103,7 +121,8 @@ fn sample(fds: &Fds, kids: &[Child]) -> Record {
 }
 
 fn fixture() -> (Fds, Vec<Child>) {
-    (Fds::new(9), vec![Child::new(), Child::new()])
+    let kids = vec![Child::new(), Child::new()];
+    (Fds::new(&kids), kids)
 }
 
 #[test]
@@ -115,7 +134,7 @@ fn round_trip_and_validates() {
     assert!(!text.contains("a b"), "spaces must be escaped: {text}");
     let decoded = Record::decode(&text).unwrap();
     assert_eq!(decoded, record);
-    assert_eq!(decoded.validate(), Ok(()));
+    assert_eq!(decoded.validate(&[]), Ok(()));
 }
 
 #[test]
@@ -171,7 +190,7 @@ fn pids_that_are_not_our_children_are_refused() {
     let me = std::process::id().to_string();
     for pid in ["-1", "0", "1", me.as_str(), not_ours.as_str()] {
         let err = match with_pid(&record, &kids, pid) {
-            Ok(r) => r.validate().unwrap_err(),
+            Ok(r) => r.validate(&[]).unwrap_err(),
             Err(decode) => decode,
         };
         assert!(
@@ -182,7 +201,7 @@ fn pids_that_are_not_our_children_are_refused() {
     // Our own child passes.
     let ok = with_pid(&record, &kids, &stranger.pid().to_string()).unwrap();
     // ...except that the pidfd then names a pid that is no generation's.
-    assert!(ok.validate().unwrap_err().contains("pidfd"));
+    assert!(ok.validate(&[]).unwrap_err().contains("pidfd"));
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(not_ours.parse().unwrap()),
         nix::sys::signal::Signal::SIGKILL,
@@ -211,13 +230,35 @@ fn bad_fds_are_refused() {
             }),
             "client 7",
         ),
+        // The notify role on the library's file, a listener on a pidfd, a client on a pidfd.
+        (
+            Box::new(|r| {
+                let library = r.fds.remove(7);
+                r.fds[2].fd = library.fd;
+            }),
+            "not a unix datagram socket",
+        ),
+        (
+            Box::new(|r| {
+                let pidfd = r.fds.remove(8);
+                r.fds[0].fd = pidfd.fd;
+            }),
+            "not a listening stream socket",
+        ),
+        (
+            Box::new(|r| {
+                let pidfd = r.fds.remove(8);
+                r.fds[6].fd = pidfd.fd;
+            }),
+            "not a connected unix stream socket",
+        ),
     ];
     for (mutate, why) in cases {
         let mut r = record.clone();
         mutate(&mut r);
         // Through the text form, as the new image sees it.
         let r = Record::decode(&r.encode()).unwrap();
-        let err = r.validate().unwrap_err();
+        let err = r.validate(&[]).unwrap_err();
         assert!(err.contains(why), "{why}: {err}");
     }
 }
@@ -295,7 +336,7 @@ fn random_and_mutated_records_never_panic_and_never_pass_with_bad_pids() {
         let Ok(record) = Record::decode(&mutated) else {
             continue;
         };
-        if record.validate().is_ok() {
+        if record.validate(&[]).is_ok() {
             accepted += 1;
             // Whatever passed names only our children, and fds that are open and unique.
             for (_, pid, alive) in record.state.pids() {
@@ -312,6 +353,27 @@ fn random_and_mutated_records_never_panic_and_never_pass_with_bad_pids() {
         let len = rng.below(200);
         let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
         let noise = format!("grace-handoff 2\n{}", String::from_utf8_lossy(&bytes));
-        let _ = Record::decode(&noise).map(|r| r.validate());
+        let _ = Record::decode(&noise).map(|r| r.validate(&[]));
     }
+}
+
+#[test]
+fn records_not_written_mid_reexec_or_naming_our_own_fds_are_refused() {
+    let (fds, kids) = fixture();
+    let record = sample(&fds, &kids);
+    let text = record.encode().replace("phase reexec", "phase idle");
+    let err = Record::decode(&text).unwrap().validate(&[]).unwrap_err();
+    assert!(err.contains("not written during a re-exec"), "{err}");
+    let err = record.validate(&[fds.raw(3)]).unwrap_err();
+    assert!(err.contains("one this image opened itself"), "{err}");
+}
+
+#[test]
+fn generations_nothing_of_which_can_be_found_are_dropped_not_signalled() {
+    let (fds, kids) = fixture();
+    let mut record = sample(&fds, &kids);
+    // Generation 3's leader (pid 1200) was reaped, and no child of ours is in its group.
+    assert_eq!(record.drop_unreachable_generations(), vec![3]);
+    let left: Vec<i32> = record.state.pids().map(|(_, pid, _)| pid).collect();
+    assert_eq!(left, vec![kids[0].pid(), kids[1].pid()]);
 }

@@ -463,8 +463,7 @@ fn setup_inet(
     label: &str,
 ) -> Result<OwnedFd> {
     // SO_REUSEADDR lets a restarted grace bind while old connections sit in TIME_WAIT. It is not
-    // set for UDP, where it would let another socket share the port. SO_REUSEPORT stays off: one
-    // socket, one queue, owned by grace, is what makes a handover lossless.
+    // set for UDP, where it would let another socket share the port.
     if proto == Proto::Tcp {
         socket::setsockopt(&fd, sockopt::ReuseAddr, &true)
             .map_err(os)
@@ -475,9 +474,89 @@ fn setup_inet(
             .map_err(os)
             .with_context(|| format!("setting IPV6_V6ONLY on {label}"))?;
     }
+    // SO_REUSEPORT makes the socket the first of a group that each new generation joins with a
+    // socket of its own (see steer/). It must never let grace join a stranger's group: the
+    // address is first proven free by a bind without it. A TCP socket takes the option between
+    // `bind` and `listen` (it joins its group at `listen`); a UDP socket joins at `bind`, so a
+    // throwaway socket proves the address free first (and finds the port, for port 0).
+    let addr = if proto == Proto::Udp {
+        let probe = inet_socket(
+            proto,
+            if addr.is_ipv4() {
+                AddressFamily::Inet
+            } else {
+                AddressFamily::Inet6
+            },
+        )
+        .map_err(os)
+        .with_context(|| format!("creating a socket for {label}"))?;
+        if let Some(v6only) = v6only {
+            let _ = socket::setsockopt(&probe, sockopt::Ipv6V6Only, &v6only);
+        }
+        socket::bind(probe.as_raw_fd(), &SockaddrStorage::from(addr))
+            .map_err(os)
+            .with_context(|| format!("binding {label}"))?;
+        let bound = inet_addr_of(&probe).with_context(|| format!("binding {label}"))?;
+        drop(probe);
+        reuse_port(&fd, label)?;
+        bound
+    } else {
+        addr
+    };
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
         .map_err(os)
         .with_context(|| format!("binding {label}"))?;
+    if proto == Proto::Tcp {
+        reuse_port(&fd, label)?;
+        socket::listen(&fd, backlog)
+            .map_err(os)
+            .with_context(|| format!("listening on {label}"))?;
+    }
+    Ok(fd)
+}
+
+fn reuse_port(fd: &OwnedFd, label: &str) -> Result<()> {
+    socket::setsockopt(fd, sockopt::ReusePort, &true)
+        .map_err(os)
+        .with_context(|| format!("setting SO_REUSEPORT on {label}"))
+}
+
+fn inet_addr_of(fd: &impl AsFd) -> Result<SocketAddr> {
+    let local: SockaddrStorage = socket::getsockname(fd.as_fd().as_raw_fd()).map_err(os)?;
+    if let Some(v4) = local.as_sockaddr_in() {
+        return Ok(SocketAddr::from(*v4));
+    }
+    local
+        .as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+        .context("not an internet socket")
+}
+
+#[cfg_attr(not(test), allow(dead_code))]
+/// Another member of the `SO_REUSEPORT` group of `first` (a listener grace bound, or an inherited
+/// one with `SO_REUSEPORT`): the same family, address and options, bound and (TCP) listening.
+pub fn new_member(first: &impl AsFd, proto: Proto, backlog: Backlog) -> Result<OwnedFd> {
+    let addr = inet_addr_of(first)?;
+    let label = format!("{proto} {addr}");
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = inet_socket(proto, family)
+        .map_err(os)
+        .with_context(|| format!("creating a socket for {label}"))?;
+    if proto == Proto::Tcp {
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(os)?;
+    }
+    if addr.is_ipv6() {
+        let v6only = socket::getsockopt(first, sockopt::Ipv6V6Only).map_err(os)?;
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &v6only).map_err(os)?;
+    }
+    reuse_port(&fd, &label)?;
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .map_err(os)
+        .with_context(|| format!("binding another socket on {label}"))?;
     if proto == Proto::Tcp {
         socket::listen(&fd, backlog)
             .map_err(os)
@@ -782,11 +861,54 @@ mod tests {
             socket::getsockopt(&listener.fd, sockopt::ReuseAddr),
             Ok(true)
         );
+        // The first of its reuseport group (steer/): each generation adds a socket.
         assert_eq!(
             socket::getsockopt(&listener.fd, sockopt::ReusePort),
-            Ok(false)
+            Ok(true)
         );
         assert_accepts_tcp(listener, SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+
+    #[test]
+    fn a_strangers_reuseport_socket_is_never_joined() {
+        for (proto, ty) in [("tcp", SockType::Stream), ("udp", SockType::Datagram)] {
+            let stranger =
+                socket::socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, None).unwrap();
+            socket::setsockopt(&stranger, sockopt::ReusePort, &true).unwrap();
+            let any = SockaddrStorage::from(SocketAddr::from(([127, 0, 0, 1], 0)));
+            socket::bind(stranger.as_raw_fd(), &any).unwrap();
+            if ty == SockType::Stream {
+                socket::listen(&stranger, Backlog::new(8).unwrap()).unwrap();
+            }
+            let port = inet_addr_of(&stranger).unwrap().port();
+            let err = bind(&[&format!("{proto}://127.0.0.1:{port}")]).unwrap_err();
+            assert!(
+                format!("{err:#}").contains("Address already in use"),
+                "{proto}: {err:#}"
+            );
+        }
+    }
+
+    #[test]
+    fn new_members_join_the_first_sockets_group() {
+        for spec in ["127.0.0.1:0", "udp://127.0.0.1:0", "[::1]:0", ":0"] {
+            let listeners = bind(&[spec]).unwrap();
+            let l = &listeners[0];
+            let proto = if l.kind == SocketKind::Stream {
+                Proto::Tcp
+            } else {
+                Proto::Udp
+            };
+            let member = new_member(&l.fd, proto, Backlog::new(8).unwrap()).unwrap();
+            assert_eq!(
+                inet_addr_of(&member).unwrap(),
+                inet_addr_of(&l.fd).unwrap(),
+                "{spec}"
+            );
+            if l.local.to_string().starts_with("tcp [::]") {
+                assert_eq!(socket::getsockopt(&member, sockopt::Ipv6V6Only), Ok(false));
+            }
+        }
     }
 
     #[test]

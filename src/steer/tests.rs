@@ -193,3 +193,48 @@ fn the_probe_is_recognised_by_its_source_port() {
         }
     }
 }
+
+#[test]
+fn graces_own_listeners_and_their_new_members_form_one_group() {
+    // What grace does: bind (proving the address free), then SO_REUSEPORT, then listen; each
+    // generation adds a member with `new_member`.
+    use crate::listen::{BindOptions, ListenSpec, Proto, bind_all, new_member};
+    for (spec, tcp) in [
+        ("127.0.0.1:0", true),
+        ("udp://127.0.0.1:0", false),
+        (":0", true),
+    ] {
+        let specs: Vec<ListenSpec> = vec![spec.parse().unwrap()];
+        let opts = BindOptions {
+            backlog: Some(16),
+            socket_mode: None,
+        };
+        let first = bind_all(&specs, &opts).unwrap().remove(0);
+        let (_, addr) = first.local.inet().unwrap();
+        let to = SocketAddr::new(
+            if addr.ip().is_unspecified() {
+                "127.0.0.1".parse().unwrap()
+            } else {
+                addr.ip()
+            },
+            addr.port(),
+        );
+        let proto = if tcp { Proto::Tcp } else { Proto::Udp };
+        let backlog = Backlog::new(16).unwrap();
+        let mut sockets = vec![first.fd];
+        for _ in 0..2 {
+            sockets.push(new_member(&sockets[0], proto, backlog).unwrap());
+        }
+        for s in &sockets {
+            nix::fcntl::fcntl(
+                s,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            )
+            .unwrap();
+        }
+        for target in 0..3 {
+            attach(&sockets, target, None);
+            assert_eq!(lands_on(&sockets, to, None, tcp), target, "{spec}");
+        }
+    }
+}

@@ -364,8 +364,9 @@ impl Supervisor {
                 self.finish(Outcome::Failed { reason }, &mut out);
                 if self.s.current.is_none() && self.s.phase == Phase::Idle {
                     // It was requested during a crash backoff: nothing serves, so go on with
-                    // the crash policy rather than sit idle.
-                    self.crashed(self.s.exit_code, now, &mut out);
+                    // the crash policy rather than sit idle; a refused restart is no crash of
+                    // its own, so it is not counted as one.
+                    self.s.phase = Phase::Backoff { respawn_at: now };
                 }
             }
             Event::Spawned { generation, pid } => self.spawned(generation, pid, now, &mut out),

@@ -258,6 +258,28 @@ impl State {
         Ok(())
     }
 
+    /// Whether the state is that of a restart in the middle of its re-exec, the only one a
+    /// handoff record holds.
+    pub fn mid_reexec(&self) -> bool {
+        self.phase == Phase::ReExec
+    }
+
+    /// Keeps the generations for which `keep(id, pid, leader_alive)`; returns the others' ids.
+    pub fn retain_gens(&mut self, mut keep: impl FnMut(GenId, i32, bool) -> bool) -> Vec<GenId> {
+        let mut dropped = Vec::new();
+        self.gens.retain(|g| {
+            let k = keep(g.id, g.pid, g.leader_status.is_none());
+            if !k {
+                dropped.push(g.id);
+            }
+            k
+        });
+        if self.current.is_some_and(|c| dropped.contains(&c)) {
+            self.current = None;
+        }
+        dropped
+    }
+
     pub fn clients(&self) -> impl Iterator<Item = u64> + '_ {
         self.waiting.iter().map(|w| w.client)
     }

@@ -740,3 +740,30 @@ fn a_leader_reaped_in_the_same_wakeup_as_a_stop_is_never_signalled() {
     );
     assert!(s.act(100, Event::Forward(Signal::SIGHUP)).is_empty());
 }
+
+#[test]
+fn refused_restarts_during_a_crash_backoff_are_not_counted_as_crashes() {
+    let mut s = serving(Policy {
+        on_crash: OnCrash::Restart,
+        ..policy()
+    });
+    s.act(
+        100,
+        Event::Exited {
+            pid: 100,
+            code: 1,
+            group_empty: true,
+        },
+    );
+    for i in 0..MAX_CRASHES as u64 + 2 {
+        assert_eq!(s.act(110 + i, Event::RestartSignal), [Action::ReExec]);
+        let out = s.act(110 + i, Event::ReExecFailed("binary missing".into()));
+        assert!(!out.iter().any(|a| matches!(a, Action::Exit(_))), "{out:?}");
+    }
+    assert_eq!(s.s.crashes.len(), 1);
+    assert!(matches!(s.s.phase, Phase::Backoff { .. }));
+    assert!(matches!(
+        s.act(200, Event::Tick)[..],
+        [Action::Spawn { .. }]
+    ));
+}
