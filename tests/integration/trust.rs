@@ -116,7 +116,7 @@ fn two_pid1_graces_in_one_network_namespace_each_answer_only_their_own_client() 
 
 /// Runs `squatter.py NAME` (as `uid`, if given) and waits until it listens.
 fn squat(name: &str, uid: Option<u32>) -> std::process::Child {
-    let mut cmd = Command::new("python3");
+    let mut cmd = Command::new("/usr/bin/python3");
     cmd.arg(fixture("squatter.py"))
         .arg(name)
         .stdout(Stdio::piped());
@@ -332,7 +332,7 @@ fn a_flood_from_another_user_costs_a_few_lines_and_no_latency() {
     let (control_name, notify_name) = names_of(&grace);
     let flooders: Vec<_> = (0..4)
         .map(|_| {
-            Command::new("python3")
+            Command::new("/usr/bin/python3")
                 .args([&fixture("flood.py"), &control_name, &notify_name, "5"])
                 .uid(NOBODY)
                 .gid(NOBODY)
