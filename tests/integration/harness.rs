@@ -77,6 +77,43 @@ impl Grace {
         grace
     }
 
+    /// grace running the fault server on a loopback port with `--control PATH`, once it serves.
+    pub fn serve_with_control(control: &std::path::Path) -> Grace {
+        let server = example("fault_server");
+        let grace = Grace::start(&[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            control.to_str().unwrap(),
+            "--",
+            server.to_str().unwrap(),
+        ]);
+        grace.wait_line(") is serving", Duration::from_secs(20));
+        grace
+    }
+
+    /// grace as PID 1 of a new PID namespace (`unshare --pid --fork --mount-proc`, and `--net`
+    /// when `own_net`) on unix socket `sock`, once it serves; with grace's pid as seen from here.
+    pub fn as_pid1(sock: &str, own_net: bool) -> (Grace, i32) {
+        let server = example("fault_server");
+        let grace = grace_bin();
+        let mut args = vec!["--pid", "--fork", "--mount-proc"];
+        if own_net {
+            args.push("--net");
+        }
+        args.extend([grace.to_str().unwrap(), "run", "--listen", sock, "--"]);
+        args.push(server.to_str().unwrap());
+        let run = Grace::start_raw("/usr/bin/unshare", &args);
+        run.wait_line(") is serving", Duration::from_secs(20));
+        let init = wait_for(
+            "grace inside the namespace",
+            Duration::from_secs(20),
+            || run.children().first().copied(),
+        );
+        (run, init)
+    }
+
     /// grace on `listen` with the example server, once it serves; its output if it exits first
     /// (the address is taken, say).
     pub fn serve_on(listen: &str) -> Result<Grace, String> {

@@ -554,27 +554,8 @@ fn deploy_script_fails_the_deploy_when_grace_rolls_back() {
 fn as_pid_1_grace_restart_needs_no_arguments() {
     let dir = temp_dir("pid1-control");
     let sock = format!("unix:{}", dir.join("app.sock").display());
-    let server = example("fault_server");
-    // A network namespace of its own too, so the abstract control name `grace/control/1` is ours.
-    let mut run = Grace::start_raw(
-        "/usr/bin/unshare",
-        &[
-            "--pid",
-            "--net",
-            "--fork",
-            "--mount-proc",
-            grace_bin().to_str().unwrap(),
-            "run",
-            "--listen",
-            &sock,
-            "--",
-            server.to_str().unwrap(),
-        ],
-    );
-    run.wait_line(") is serving", T);
-    let init = wait_for("grace inside the namespace", T, || {
-        run.children().first().copied()
-    });
+    // A network namespace of its own too, so the abstract control name is ours alone.
+    let (mut run, init) = Grace::as_pid1(&sock, true);
     let nsenter = |args: &[&str]| {
         let out = Command::new("/usr/bin/nsenter")
             .args([

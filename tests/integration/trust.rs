@@ -46,27 +46,7 @@ fn dead_pid() -> i32 {
 
 /// grace as PID 1 of a new PID namespace that shares this network namespace.
 fn pid1_grace(dir: &Path) -> (Grace, i32) {
-    let sock = format!("unix:{}", dir.join("app.sock").display());
-    let server = example("fault_server");
-    let run = Grace::start_raw(
-        "/usr/bin/unshare",
-        &[
-            "--pid",
-            "--fork",
-            "--mount-proc",
-            grace_bin().to_str().unwrap(),
-            "run",
-            "--listen",
-            &sock,
-            "--",
-            server.to_str().unwrap(),
-        ],
-    );
-    run.wait_line(") is serving", T);
-    let init = wait_for("grace inside the namespace", T, || {
-        run.children().first().copied()
-    });
-    (run, init)
+    Grace::as_pid1(&format!("unix:{}", dir.join("app.sock").display()), false)
 }
 
 /// `grace ARGS` inside the PID namespace of `init` (as `docker exec` would run it).
@@ -318,17 +298,7 @@ fn names_of(grace: &Grace) -> (String, String) {
 fn a_flood_from_another_user_costs_a_few_lines_and_no_latency() {
     let dir = temp_dir("trust-flood");
     let control = dir.join("ctl");
-    let server = example("fault_server");
-    let grace = Grace::start(&[
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--control",
-        control.to_str().unwrap(),
-        "--",
-        server.to_str().unwrap(),
-    ]);
-    grace.wait_line(") is serving", T);
+    let grace = Grace::serve_with_control(&control);
     let (control_name, notify_name) = names_of(&grace);
     let flooders: Vec<_> = (0..4)
         .map(|_| {

@@ -48,22 +48,6 @@ fn control_path(dir: &Path) -> PathBuf {
     dir.join("ctl")
 }
 
-/// grace running the fault server with `--control`, once it serves.
-fn serve_with_control(control: &Path) -> Grace {
-    let server = example("fault_server");
-    let grace = Grace::start(&[
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--control",
-        control.to_str().unwrap(),
-        "--",
-        server.to_str().unwrap(),
-    ]);
-    grace.wait_line(") is serving", T);
-    grace
-}
-
 /// Time from SIGTERM to the server's own "draining" line: grace passed the stop on.
 fn sigterm_latency(grace: &Grace) -> Duration {
     let start = Instant::now();
@@ -76,7 +60,7 @@ fn sigterm_latency(grace: &Grace) -> Duration {
 fn a_slow_client_and_a_silent_one_delay_neither_status_nor_sigterm() {
     let dir = temp_dir("unblocked-slow");
     let control = control_path(&dir);
-    let grace = serve_with_control(&control);
+    let grace = Grace::serve_with_control(&control);
     let _silent = UnixStream::connect(&control).unwrap();
     let slow = std::thread::spawn({
         let control = control.clone();
@@ -162,7 +146,7 @@ fn sigterm_latency_of_python(grace: &mut Grace) -> Duration {
 fn a_thousand_clients_at_once_are_capped_refused_and_leave_no_fd_behind() {
     let dir = temp_dir("unblocked-flood");
     let control = control_path(&dir);
-    let grace = serve_with_control(&control);
+    let grace = Grace::serve_with_control(&control);
     let addr = grace.addr();
     // With no client connected (a client just answered may not be closed yet).
     let fds = grace.fd_count();
