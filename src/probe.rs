@@ -1,9 +1,11 @@
 //! Readiness probes (`http`, `tcp`, `exec`) as non-blocking state in the poll set.
 //!
 //! One attempt is a connect, a request and the status line (`http`), a connection the server
-//! accepts (`tcp`), or a check command that exits (`exec`); each attempt has [`ATTEMPT_TIME`],
-//! and a failed one is tried again [`INTERVAL`] later, until the supervisor ends the probe (the
-//! generation is ready, rolled back at `--ready-timeout`, or stopped). The loop waits on the
+//! accepts (`tcp`), or a check command that exits (`exec`); a network attempt has
+//! [`ATTEMPT_TIME`], a check command runs until it exits (bounded by `--ready-timeout`, when the
+//! probe ends and the check is killed), and a failed attempt is tried again [`INTERVAL`] later,
+//! until the supervisor ends the probe (the generation is ready, rolled back at
+//! `--ready-timeout`, or stopped). The loop waits on the
 //! probe's socket or its next deadline; it never waits *for* it.
 
 use std::io::{ErrorKind, Read, Write};
@@ -233,7 +235,7 @@ fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attem
                 }
                 Err(e) => (idle(), Some(Err(format!("connecting to {addr}: {e}")))),
             },
-            _ => (idle(), None),
+            _ => (never(), None),
         },
         Attempt::Connecting { stream, deadline } => {
             let addr = addr.expect("a connecting probe has an address");
@@ -292,7 +294,7 @@ fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attem
             deadline,
         } => {
             let ReadyMode::Http(path) = mode else {
-                return (idle(), None);
+                return (never(), None);
             };
             let mut buf = [0u8; 64];
             loop {
@@ -333,7 +335,7 @@ fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attem
             deadline,
         } => {
             let Some((listener, addr)) = &p.socket else {
-                return (idle(), None);
+                return (never(), None);
             };
             if now < check_at {
                 return (
@@ -377,6 +379,14 @@ fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attem
 /// Placeholder; [`Probes::service`] sets the real next attempt from the verdict.
 fn idle() -> Attempt {
     Attempt::Idle { next_at: 0 }
+}
+
+/// No attempt can be made (a probe with nothing to probe): none is scheduled, so the loop never
+/// wakes for it.
+fn never() -> Attempt {
+    Attempt::Idle {
+        next_at: Millis::MAX,
+    }
 }
 
 fn connect_nonblocking(addr: SocketAddr) -> Result<TcpStream, Errno> {
