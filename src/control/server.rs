@@ -355,6 +355,13 @@ impl ControlServer {
     /// first: as PID 1, grace's exit kills every process left in the namespace, the client
     /// included.
     pub fn farewell(&mut self) {
+        // A request still waiting for its answer (it came in the wake-up grace exited in) hears
+        // why none comes.
+        for c in &self.clients {
+            if matches!(c.stage, Stage::Answering) {
+                send(&c.stream, "failed grace exited");
+            }
+        }
         let mut holding: Vec<UnixStream> = self
             .clients
             .drain(..)
