@@ -38,6 +38,8 @@ pub struct EventLoop {
     probes: Probes,
     /// Which processes are each generation's.
     members: Members,
+    /// The generations as of the last clean-up of their cgroups.
+    known_gens: Vec<GenId>,
     /// The grace binary to re-execute, resolved at start-up.
     grace_exe: PathBuf,
     /// The last status written to `--status-file`.
@@ -65,6 +67,7 @@ impl EventLoop {
             held,
             probes,
             members,
+            known_gens: Vec::new(),
             grace_exe,
             status_written: String::new(),
             reexec_due: false,
@@ -303,8 +306,8 @@ impl EventLoop {
         let spawned = match planned {
             Ok(mut plan) => {
                 plan.die_with_grace(self.args.stop_signal);
-                if let Some(procs) = &cgroup {
-                    plan.join_cgroup(procs.as_fd());
+                if let Some((dir, procs)) = &cgroup {
+                    plan.join_cgroup(dir.as_fd(), procs.as_fd());
                 }
                 sys::spawn(&mut plan)
             }
@@ -376,10 +379,15 @@ impl EventLoop {
         self.held
             .pidfds
             .retain(|pid| sup.generations().iter().any(|g| g.pid == pid));
-        for generation in self.members.known() {
-            if sup.generation(generation).is_none() {
-                self.members.forget(generation);
+        // The cgroups on disk are looked at only when the set of generations changed.
+        let ids: Vec<GenId> = sup.generations().iter().map(|g| g.id).collect();
+        if ids != self.known_gens {
+            for generation in self.members.known() {
+                if sup.generation(generation).is_none() {
+                    self.members.forget(generation);
+                }
             }
+            self.known_gens = ids;
         }
     }
 

@@ -75,8 +75,9 @@ impl Members {
         Some(self.cgroups.as_ref()?.join(format!("gen-{generation}")))
     }
 
-    /// Creates the generation's cgroup and opens its `cgroup.procs` for the child to join.
-    pub fn prepare(&self, generation: GenId) -> Option<OwnedFd> {
+    /// Creates the generation's cgroup and opens it (its directory, to start the child in, and
+    /// its `cgroup.procs`, for a child that has to move itself).
+    pub fn prepare(&self, generation: GenId) -> Option<(OwnedFd, OwnedFd)> {
         let dir = self.dir(generation)?;
         if let Err(e) = fs::create_dir(&dir)
             && e.kind() != std::io::ErrorKind::AlreadyExists
@@ -84,13 +85,20 @@ impl Members {
             debug!("creating {}: {e}", dir.display());
             return None;
         }
-        OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::libc::O_CLOEXEC)
-            .open(dir.join("cgroup.procs"))
-            .map(OwnedFd::from)
-            .inspect_err(|e| debug!("opening {}/cgroup.procs: {e}", dir.display()))
-            .ok()
+        let open = |path: &Path, write: bool, flags| {
+            OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .custom_flags(nix::libc::O_CLOEXEC | flags)
+                .open(path)
+                .map(OwnedFd::from)
+                .inspect_err(|e| debug!("opening {}: {e}", path.display()))
+                .ok()
+        };
+        Some((
+            open(&dir, false, nix::libc::O_DIRECTORY)?,
+            open(&dir.join("cgroup.procs"), true, 0)?,
+        ))
     }
 
     /// SIGKILL to every process of the generation: its cgroup, its process group, and (without

@@ -21,6 +21,8 @@ pub struct ExecPlan {
     fds: Vec<RawFd>,
     /// What else the child does before `execve`.
     setup: ChildSetup,
+    /// The generation's cgroup directory, to start the child in.
+    cgroup_dir: Option<RawFd>,
 }
 
 /// What a child does for itself between `fork` and `execve`, besides its fds and signals.
@@ -61,6 +63,7 @@ impl ExecPlan {
             env,
             listen_pid_slot,
             fds,
+            cgroup_dir: None,
             setup: ChildSetup {
                 death_signal: 0,
                 parent: 0,
@@ -80,7 +83,8 @@ impl ExecPlan {
     /// The child moves itself into the cgroup whose `cgroup.procs` this is, before it execs (so
     /// that everything it ever forks is in there too). The fd must stay open until `spawn`
     /// returns.
-    pub fn join_cgroup(&mut self, procs: BorrowedFd<'_>) {
+    pub fn join_cgroup(&mut self, dir: BorrowedFd<'_>, procs: BorrowedFd<'_>) {
+        self.cgroup_dir = Some(dir.as_raw_fd());
         self.setup.cgroup_procs = procs.as_raw_fd();
     }
 }
@@ -109,9 +113,23 @@ pub fn spawn(plan: &mut ExecPlan) -> Result<Pid, Errno> {
     let mut scratch: Vec<RawFd> = vec![-1; plan.fds.len()];
     let (report_read, report_write) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
 
-    // SAFETY: grace is single-threaded, and the child only calls async-signal-safe functions on
-    // memory prepared above before it execs or exits.
-    let pid = unsafe { libc::fork() };
+    // Straight into its generation's cgroup where the kernel can (clone3 with CLONE_INTO_CGROUP,
+    // Linux 5.7+): moving a running process there afterwards costs the kernel a few milliseconds
+    // of synchronisation at every spawn. Else a fork, and the child moves itself.
+    let mut setup = plan.setup;
+    let cloned = match plan.cgroup_dir {
+        Some(dir) => clone_into_cgroup(dir),
+        None => Err(Errno::ENOSYS),
+    };
+    let pid = match cloned {
+        Ok(pid) => {
+            setup.cgroup_procs = -1;
+            pid
+        }
+        // SAFETY: grace is single-threaded, and the child only calls async-signal-safe functions
+        // on memory prepared above before it execs or exits.
+        Err(_) => unsafe { libc::fork() },
+    };
     if pid < 0 {
         return Err(Errno::last());
     }
@@ -127,7 +145,7 @@ pub fn spawn(plan: &mut ExecPlan) -> Result<Pid, Errno> {
                 &mut scratch,
                 ChildSetup {
                     report: report_write.as_raw_fd(),
-                    ..plan.setup
+                    ..setup
                 },
             )
         }
@@ -160,6 +178,46 @@ pub fn spawn(plan: &mut ExecPlan) -> Result<Pid, Errno> {
         return Err(errno);
     }
     Ok(pid)
+}
+
+/// The kernel's `struct clone_args` up to `cgroup` (`CLONE_ARGS_SIZE_VER2`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// `fork`, but the child starts in the cgroup whose directory `dir` is. Returns the child's pid
+/// (0 in the child), or the reason the kernel refused (then nothing was created).
+fn clone_into_cgroup(dir: RawFd) -> Result<libc::pid_t, Errno> {
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: dir as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: without CLONE_VM the child gets a copy of this single-threaded process, as with
+    // fork; `args` is valid for the call, and the child only runs `child_exec` (see `spawn`).
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    Errno::result(rc).map(|pid| pid as libc::pid_t)
 }
 
 /// Runs in the child between `fork` and `execve`: it must not allocate, lock or touch anything

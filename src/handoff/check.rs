@@ -56,11 +56,20 @@ pub fn check_new_binary(exe: &Path) -> Result<(), String> {
         out.read_some();
         err.read_some();
     }
-    // Its pipes are closed, but it may still run (it closed them itself): bounded too.
+    // Its pipes are closed, but it may still run (it closed them itself): bounded too. A pidfd
+    // becomes readable when it exits, so the wait costs no sleep-and-poll.
+    let exited = crate::sys::pidfd_open(child.id() as i32).ok();
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if now() < deadline => std::thread::sleep(std::time::Duration::from_millis(1)),
+            Ok(None) if now() < deadline => match &exited {
+                Some(pidfd) => {
+                    let left = PollTimeout::try_from(deadline.saturating_sub(now()))
+                        .unwrap_or(PollTimeout::ZERO);
+                    let _ = poll(&mut [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)], left);
+                }
+                None => std::thread::sleep(std::time::Duration::from_millis(1)),
+            },
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
