@@ -36,7 +36,7 @@ fn read_pid(path: &Path) -> anyhow::Result<i32> {
     // that started later is not the grace that wrote it.
     let written = std::fs::metadata(path).and_then(|m| m.modified()).ok();
     if let (Some(written), Some(started)) = (written, started_at(pid))
-        && written + Duration::from_secs(2) < started
+        && written + STALE_SLACK < started
     {
         bail!(
             "pid file {} is stale: pid {pid} started after the file was written (is grace running?)",
@@ -45,6 +45,11 @@ fn read_pid(path: &Path) -> anyhow::Result<i32> {
     }
     Ok(pid)
 }
+
+/// How much later than its pid file a process may have started and still be the one that wrote
+/// it: the boot time the kernel reports moves with the wall clock, which may be stepped (NTP
+/// after boot) by a few seconds or more.
+const STALE_SLACK: Duration = Duration::from_secs(120);
 
 /// When process `pid` started, from `/proc` (its start in clock ticks after boot, and the boot
 /// time).

@@ -56,10 +56,10 @@ impl EventLoop {
         sup: Supervisor,
         signals: Signals,
         held: Held,
+        members: Members,
         grace_exe: PathBuf,
     ) -> Self {
         let probes = Probes::new(args.ready.clone());
-        let members = Members::detect(sup.generations().is_empty());
         Self {
             args,
             sup,
@@ -148,6 +148,7 @@ impl EventLoop {
     /// leader that is already gone.
     fn gather(&mut self, events: &mut VecDeque<Event>) {
         let signals = self.signals.drain();
+        self.members.set_checks(self.probes.running_checks());
         // Reap on every wake-up: SIGCHLD signals coalesce, and one may have been consumed by the
         // previous image just before it re-executed.
         self.reap(events);
@@ -240,10 +241,12 @@ impl EventLoop {
             Action::Probe { generation, pid } => self.probes.start(generation, pid, now()),
             Action::EndProbe { generation } => self.probes.end(generation),
             Action::Signal { pid, signal } => self.held.pidfds.signal(pid, signal),
-            Action::KillGroup { pgid } => match self.sup.gen_of_pgid(pgid) {
-                Some(generation) => self.members.kill(generation, pgid),
-                None => warn!("no generation leads process group {pgid}: not killed"),
-            },
+            Action::KillGroup { pgid } => {
+                match self.sup.generations().iter().find(|g| g.pid == pgid) {
+                    Some(g) => self.members.kill(g.id, pgid, g.leader_status.is_none()),
+                    None => warn!("no generation leads process group {pgid}: not killed"),
+                }
+            }
             Action::Reply { client, line, hold } => self.held.control.reply(client, &line, hold),
             Action::Status { client, text } => {
                 let view = status::View {
@@ -323,6 +326,9 @@ impl EventLoop {
             Ok(pid) => {
                 info!("started generation {generation}: {}", program.display());
                 self.held.pidfds.open(pid.as_raw());
+                if cgroup.is_some() {
+                    self.members.joined(generation, pid.as_raw());
+                }
                 Event::Spawned {
                     generation,
                     pid: pid.as_raw(),
@@ -382,10 +388,13 @@ impl EventLoop {
         // The cgroups on disk are looked at only when the set of generations changed.
         let ids: Vec<GenId> = sup.generations().iter().map(|g| g.id).collect();
         if ids != self.known_gens {
-            for generation in self.members.known() {
-                if sup.generation(generation).is_none() {
-                    self.members.forget(generation);
-                }
+            let mut gone: Vec<GenId> = self.members.on_disk();
+            gone.extend(self.known_gens.iter().copied());
+            gone.retain(|g| !ids.contains(g));
+            gone.sort_unstable();
+            gone.dedup();
+            for generation in gone {
+                self.members.forget(generation);
             }
             self.known_gens = ids;
         }

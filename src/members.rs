@@ -17,21 +17,33 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::supervisor::GenId;
 
 pub struct Members {
     /// `.../grace.<ns>.<pid>`, when grace can create cgroups.
     cgroups: Option<PathBuf>,
+    /// The generations that really are in a cgroup of their own; the others are tracked by
+    /// process group and `GRACE_GENERATION`.
+    in_cgroup: Vec<GenId>,
     /// Generations asked to be killed: what is found of them later is killed too.
     killed: Vec<GenId>,
+    /// Whether `/proc` shows this process's own PID namespace (a `/proc` of another one would
+    /// make re-parented processes look like someone else's, and the other way round).
+    own_proc: bool,
+    /// Running `exec:` checks: grace's children with a `GRACE_GENERATION`, but not members.
+    checks: Vec<i32>,
 }
 
 impl Members {
     /// Finds out whether grace can create cgroups, and says which way generations are tracked.
-    /// Safe to call again after a re-exec: the cgroups of running generations are kept.
-    pub fn detect(first: bool) -> Self {
+    /// `first`: a fresh start (anything left under grace's own name is a dead predecessor's and
+    /// is killed and removed); otherwise a re-exec, whose generations keep their cgroups.
+    /// `killed`: the generations the supervisor has already killed.
+    pub fn detect(first: bool, killed: Vec<GenId>) -> Self {
+        let own_proc = fs::read_link("/proc/self")
+            .is_ok_and(|p| p.to_string_lossy() == std::process::id().to_string());
         let cgroups = match own_cgroup_dir() {
             Ok(dir) => {
                 let root = dir.join(format!(
@@ -47,42 +59,69 @@ impl Members {
             }
             Err(why) => Err(why),
         };
-        let cgroups = match cgroups {
+        let mut members = Self {
+            cgroups: None,
+            in_cgroup: Vec::new(),
+            killed,
+            own_proc,
+            checks: Vec::new(),
+        };
+        match cgroups {
             Ok(root) => {
+                members.cgroups = Some(root.clone());
                 if first {
-                    sweep(root.parent().unwrap_or(Path::new("/")));
+                    // A predecessor with this pid (PID 1 of a container, say) that died by
+                    // SIGKILL: what it left is not ours to adopt.
+                    for generation in members.on_disk() {
+                        kill_cgroup(&root.join(format!("gen-{generation}")));
+                        let _ = fs::remove_dir(root.join(format!("gen-{generation}")));
+                    }
+                    if own_proc {
+                        sweep(root.parent().unwrap_or(Path::new("/")));
+                    }
                     info!(
                         "each generation runs in a cgroup of its own under {}",
                         root.display()
                     );
+                } else {
+                    members.in_cgroup = members.on_disk();
                 }
-                Some(root)
             }
             Err(why) => {
                 if first {
-                    info!("generations are tracked by process group and GRACE_GENERATION ({why})");
+                    info!(
+                        "generations are tracked by process group and GRACE_GENERATION ({why}); \
+                         a worker that leaves its process group and changes its environment \
+                         cannot be found: give grace a cgroup (root, Delegate=yes) for those"
+                    );
                 }
-                None
             }
-        };
-        Self {
-            cgroups,
-            killed: Vec::new(),
         }
+        if !own_proc && first {
+            info!("/proc is not this PID namespace's: re-parented workers are not looked for");
+        }
+        members
     }
 
     fn dir(&self, generation: GenId) -> Option<PathBuf> {
+        if !self.in_cgroup.contains(&generation) {
+            return None;
+        }
         Some(self.cgroups.as_ref()?.join(format!("gen-{generation}")))
     }
 
     /// Creates the generation's cgroup and opens it (its directory, to start the child in, and
-    /// its `cgroup.procs`, for a child that has to move itself).
+    /// its `cgroup.procs`, for a child that has to move itself). [`Members::joined`] once the
+    /// child runs.
     pub fn prepare(&self, generation: GenId) -> Option<(OwnedFd, OwnedFd)> {
-        let dir = self.dir(generation)?;
+        let dir = self.cgroups.as_ref()?.join(format!("gen-{generation}"));
         if let Err(e) = fs::create_dir(&dir)
             && e.kind() != std::io::ErrorKind::AlreadyExists
         {
-            debug!("creating {}: {e}", dir.display());
+            warn!(
+                "generation {generation} runs without a cgroup of its own: creating {}: {e}",
+                dir.display()
+            );
             return None;
         }
         let open = |path: &Path, write: bool, flags| {
@@ -92,7 +131,7 @@ impl Members {
                 .custom_flags(nix::libc::O_CLOEXEC | flags)
                 .open(path)
                 .map(OwnedFd::from)
-                .inspect_err(|e| debug!("opening {}: {e}", path.display()))
+                .inspect_err(|e| warn!("generation {generation}: opening {}: {e}", path.display()))
                 .ok()
         };
         Some((
@@ -101,19 +140,48 @@ impl Members {
         ))
     }
 
-    /// SIGKILL to every process of the generation: its cgroup, its process group, and (without
-    /// cgroups) the orphans that carry its number.
-    pub fn kill(&mut self, generation: GenId, pgid: i32) {
+    /// The generation's leader `pid` was started: it is tracked by its cgroup if it really got
+    /// there, by its process group otherwise.
+    pub fn joined(&mut self, generation: GenId, pid: i32) {
+        let Some(root) = &self.cgroups else { return };
+        let wanted = format!("/gen-{generation}");
+        let there = fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
+            c.lines()
+                .any(|l| l.starts_with("0::") && l.ends_with(&wanted))
+        }) || procs_of(&root.join(format!("gen-{generation}"))).contains(&pid);
+        if there {
+            self.in_cgroup.push(generation);
+        } else {
+            warn!("generation {generation} did not get into its cgroup: tracked by process group");
+        }
+    }
+
+    /// Generations the supervisor had killed before a re-exec.
+    pub fn mark_killed(&mut self, generations: impl Iterator<Item = GenId>) {
+        self.killed.extend(generations);
+    }
+
+    /// The `exec:` checks running now (they are not members of their generation).
+    pub fn set_checks(&mut self, pids: Vec<i32>) {
+        self.checks = pids;
+    }
+
+    /// SIGKILL to every process of the generation: its cgroup, else its process group (while
+    /// that is known to be the generation's: its leader runs, or a child of grace is in it) and
+    /// the re-parented processes that carry its number.
+    pub fn kill(&mut self, generation: GenId, pgid: i32, leader_alive: bool) {
         if !self.killed.contains(&generation) {
             self.killed.push(generation);
-        }
-        if let Err(e) = killpg(Pid::from_raw(pgid), Signal::SIGKILL) {
-            debug!("killing process group {pgid}: {e}");
         }
         match self.dir(generation) {
             Some(dir) => kill_cgroup(&dir),
             None => {
-                for pid in orphans_of(generation) {
+                if (leader_alive || crate::sys::group_has_child(pgid))
+                    && let Err(e) = killpg(Pid::from_raw(pgid), Signal::SIGKILL)
+                {
+                    debug!("killing process group {pgid}: {e}");
+                }
+                for pid in self.orphans_of(generation) {
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }
@@ -123,10 +191,13 @@ impl Members {
     /// Whether nothing of the generation is left. What turns up of a generation that was killed
     /// (a worker re-parented since) is killed on sight.
     pub fn empty(&self, generation: GenId, pgid: i32) -> bool {
-        let group_empty = killpg(Pid::from_raw(pgid), None) == Err(Errno::ESRCH);
-        let rest: Vec<i32> = match self.dir(generation) {
-            Some(dir) => procs_of(&dir),
-            None => orphans_of(generation),
+        let (group_empty, rest) = match self.dir(generation) {
+            Some(dir) => (true, procs_of(&dir)),
+            None => (
+                killpg(Pid::from_raw(pgid), None) == Err(Errno::ESRCH)
+                    || !crate::sys::group_has_child(pgid),
+                self.orphans_of(generation),
+            ),
         };
         if self.killed.contains(&generation) {
             for &pid in &rest {
@@ -136,19 +207,31 @@ impl Members {
         group_empty && rest.is_empty()
     }
 
+    /// Whether anything of a generation whose leader was reaped can still be found (after a
+    /// re-exec: one that cannot is forgotten, and its group id never signalled).
+    pub fn remains(&self, generation: GenId, pgid: i32) -> bool {
+        crate::sys::group_has_child(pgid)
+            || match self.dir(generation) {
+                Some(dir) => !procs_of(&dir).is_empty(),
+                None => !self.orphans_of(generation).is_empty(),
+            }
+    }
+
     /// The generation is gone: its cgroup goes too.
     pub fn forget(&mut self, generation: GenId) {
         self.killed.retain(|&g| g != generation);
-        if let Some(dir) = self.dir(generation)
-            && let Err(e) = fs::remove_dir(&dir)
+        self.in_cgroup.retain(|&g| g != generation);
+        let Some(root) = &self.cgroups else { return };
+        let dir = root.join(format!("gen-{generation}"));
+        if let Err(e) = fs::remove_dir(&dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
-            debug!("removing {}: {e}", dir.display());
+            warn!("removing {}: {e}", dir.display());
         }
     }
 
-    /// The generations that have a cgroup here (after a re-exec: those of the previous image).
-    pub fn known(&self) -> Vec<GenId> {
+    /// The generations that have a cgroup directory here.
+    pub fn on_disk(&self) -> Vec<GenId> {
         let Some(root) = &self.cgroups else {
             return Vec::new();
         };
@@ -162,12 +245,35 @@ impl Members {
 
     /// At grace's final exit: its cgroups go (they are empty by then).
     pub fn remove_all(&mut self) {
-        for generation in self.known() {
+        for generation in self.on_disk() {
             self.forget(generation);
         }
         if let Some(root) = &self.cgroups {
             let _ = fs::remove_dir(root);
         }
+    }
+
+    /// grace's children that carry `GRACE_GENERATION=<generation>` (its `exec:` checks aside):
+    /// without a cgroup, the workers of that generation re-parented to grace (and its leader,
+    /// until it is reaped).
+    fn orphans_of(&self, generation: GenId) -> Vec<i32> {
+        if !self.own_proc {
+            return Vec::new();
+        }
+        let me = std::process::id();
+        let wanted = format!("GRACE_GENERATION={generation}");
+        fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .filter(|pid| !self.checks.contains(pid))
+            .filter(|pid| {
+                fs::read(format!("/proc/{pid}/environ"))
+                    .unwrap_or_default()
+                    .split(|&b| b == 0)
+                    .any(|var| var == wanted.as_bytes())
+            })
+            .collect()
     }
 }
 
@@ -243,22 +349,4 @@ fn kill_cgroup(dir: &Path) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
-}
-
-/// grace's children that carry `GRACE_GENERATION=<generation>`: without cgroups, the workers of
-/// that generation re-parented to grace (and its leader, until it is reaped).
-fn orphans_of(generation: GenId) -> Vec<i32> {
-    let me = std::process::id();
-    let wanted = format!("GRACE_GENERATION={generation}");
-    fs::read_to_string(format!("/proc/{me}/task/{me}/children"))
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|p| p.parse::<i32>().ok())
-        .filter(|pid| {
-            fs::read(format!("/proc/{pid}/environ"))
-                .unwrap_or_default()
-                .split(|&b| b == 0)
-                .any(|var| var == wanted.as_bytes())
-        })
-        .collect()
 }

@@ -134,6 +134,17 @@ impl Probes {
         });
     }
 
+    /// The pids of the `exec:` checks that run now.
+    pub fn running_checks(&self) -> Vec<i32> {
+        self.items
+            .iter()
+            .filter_map(|p| match p.attempt {
+                Attempt::Running { pid } => Some(pid),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub fn poll_fds(&self) -> Vec<(BorrowedFd<'_>, PollFlags)> {
         self.items
             .iter()

@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use tracing::{info, warn};
 
 use crate::cli::RunArgs;
@@ -18,13 +16,14 @@ use crate::handoff::{self, Record};
 use crate::held::Held;
 use crate::inject;
 use crate::listen::{BindOptions, bind_all};
+use crate::members::Members;
 use crate::notify::NotifySocket;
 use crate::pidfds::Pidfds;
 use crate::readiness::{AUTO_DELAY, ReadyMode};
 use crate::signals::Signals;
 use crate::spawn;
 use crate::status;
-use crate::supervisor::{AliveRule, Event, Millis, Policy, Supervisor};
+use crate::supervisor::{AliveRule, Event, GenState, Millis, Policy, Supervisor};
 use crate::sys;
 
 /// `grace restart` clients waiting at once, at most.
@@ -38,13 +37,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     // 2. The sockets: bound now, or handed over by the previous image.
     let policy = policy_of(&args);
-    let (sup, held, first) = match std::env::var(handoff::ENV).ok() {
+    let (sup, held, members, first) = match std::env::var(handoff::ENV).ok() {
         Some(text) => {
-            let (sup, held) = adopt(&text, policy, signals.as_fd().as_raw_fd())?;
+            let (sup, held, members) = adopt(&text, policy, signals.as_fd().as_raw_fd())?;
             info!("re-executed; continuing the restart");
-            (sup, held, Event::Adopted)
+            (sup, held, members, Event::Adopted)
         }
-        None => (Supervisor::new(policy), bind(&args)?, Event::Start),
+        None => {
+            let held = bind(&args)?;
+            let members = Members::detect(true, Vec::new());
+            (Supervisor::new(policy), held, members, Event::Start)
+        }
     };
     if let Some(path) = &args.pid_file {
         match write_pid_file(path) {
@@ -53,7 +56,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
     }
     // 3. The loop, until grace is done.
-    let mut event_loop = EventLoop::new(args, sup, signals, held, grace_exe());
+    let mut event_loop = EventLoop::new(args, sup, signals, held, members, grace_exe());
     let code = event_loop.run(first);
     // 4. Nothing left behind.
     event_loop.finish();
@@ -82,23 +85,31 @@ fn bind(args: &RunArgs) -> anyhow::Result<Held> {
 
 /// The previous image's state, once the record passed validation: nothing in it is signalled or
 /// used before that.
-fn adopt(text: &str, policy: Policy, signalfd: i32) -> anyhow::Result<(Supervisor, Held)> {
+fn adopt(text: &str, policy: Policy, signalfd: i32) -> anyhow::Result<(Supervisor, Held, Members)> {
     let mut record = Record::decode(text)
         .and_then(|r| r.validate(&[signalfd]).map(|()| r))
         .map_err(anyhow::Error::msg)
         .context("adopting the previous image's state")?;
-    for generation in record.drop_unreachable_generations() {
+    let mut members = Members::detect(false, Vec::new());
+    for generation in record.drop_unreachable_generations(|id, pgid| members.remains(id, pgid)) {
         warn!("generation {generation}: nothing of it is left to find; forgotten");
     }
     let held = Held::adopt(&record.fds).inspect_err(|_| {
         // Exiting now would leave the generations running on their own, holding the sockets
         // with nobody to stop them: take them down with us. (Their pids were validated: each
-        // leader is this process's child, or its group holds one.)
-        for (_, pid, _) in record.state.pids() {
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        // leader is this process's child, or something of it can still be found.)
+        for (id, pid, alive) in record.state.pids() {
+            Members::detect(false, Vec::new()).kill(id, pid, alive);
         }
     })?;
-    Ok((Supervisor::restore(policy, record.state), held))
+    let sup = Supervisor::restore(policy, record.state);
+    members.mark_killed(
+        sup.generations()
+            .iter()
+            .filter(|g| matches!(g.state, GenState::Draining { killed: true, .. }))
+            .map(|g| g.id),
+    );
+    Ok((sup, held, members))
 }
 
 fn policy_of(args: &RunArgs) -> Policy {

@@ -190,10 +190,11 @@ pub fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<(
             Err(e) => return Err(e),
         }
     };
-    let written = file
+    // No fsync: the rename is what makes the update atomic for readers, and grace's loop must
+    // not wait on the disk.
+    let result = file
         .write_all(text.as_bytes())
-        .and_then(|()| file.sync_data());
-    let result = written.and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

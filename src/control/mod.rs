@@ -74,10 +74,11 @@ pub enum Target {
 impl Target {
     /// Connects, then checks who answered (`SO_PEERCRED`): the pid meant, if one was, and this
     /// user or root. Abstract names have no permissions, and a stale pid file may name anyone.
-    pub fn connect(&self) -> anyhow::Result<UnixStream> {
+    pub fn connect(&self, deadline: Instant) -> anyhow::Result<UnixStream> {
         let (stream, shown, expected) = match self {
             Target::Path(path) => {
-                let stream = UnixStream::connect(path).with_context(|| {
+                let addr = SocketAddr::from_pathname(path)?;
+                let stream = connect_by(&addr, deadline).with_context(|| {
                     format!("connecting to the control socket {}", path.display())
                 })?;
                 (stream, path.display().to_string(), None)
@@ -85,7 +86,7 @@ impl Target {
             Target::Pid(pid) => {
                 let name = abstract_name(*pid);
                 let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
-                let stream = UnixStream::connect_addr(&addr).with_context(|| {
+                let stream = connect_by(&addr, deadline).with_context(|| {
                     format!("connecting to grace (pid {pid}) on @{name}; is it running, in this PID and network namespace?")
                 })?;
                 (stream, format!("@{name}"), Some(*pid))
@@ -93,33 +94,73 @@ impl Target {
         };
         let cred = getsockopt(&stream, sockopt::PeerCredentials)
             .with_context(|| format!("reading the credentials of the peer on {shown}"))?;
-        let me = nix::unistd::getuid().as_raw();
-        if cred.uid() != me && cred.uid() != 0 {
+        let me = nix::unistd::geteuid().as_raw();
+        if let Some(pid) = expected
+            && cred.pid() != pid
+        {
+            bail!(
+                "refusing to talk to {shown}: it is held by pid {} of uid {}, not grace's pid {pid}",
+                cred.pid(),
+                cred.uid()
+            );
+        }
+        // Root may talk to any user's grace it found by its pid or path; anyone else only to
+        // their own or root's.
+        if me != 0 && cred.uid() != me && cred.uid() != 0 {
             bail!(
                 "refusing to talk to {shown}: it is held by pid {} of uid {}, neither this user nor root",
                 cred.pid(),
                 cred.uid()
             );
         }
-        if let Some(pid) = expected
-            && cred.pid() != pid
-        {
-            bail!(
-                "refusing to talk to {shown}: it is held by pid {}, not grace's pid {pid}",
-                cred.pid()
-            );
-        }
         Ok(stream)
     }
 }
 
+/// Connects by `deadline`: a listener whose queue is full (grace busy, or a squatter that never
+/// accepts) makes a blocking connect wait forever.
+fn connect_by(addr: &SocketAddr, deadline: Instant) -> std::io::Result<UnixStream> {
+    use std::os::fd::AsRawFd;
+    let fd = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC | nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let unix = match (addr.as_pathname(), addr.as_abstract_name()) {
+        (Some(path), _) => nix::sys::socket::UnixAddr::new(path)?,
+        (None, Some(name)) => nix::sys::socket::UnixAddr::new_abstract(name)?,
+        _ => return Err(std::io::Error::other("an unnamed socket address")),
+    };
+    loop {
+        match nix::sys::socket::connect(fd.as_raw_fd(), &unix) {
+            Ok(()) => break,
+            // A full queue (EAGAIN for unix sockets): try again until the deadline.
+            Err(nix::errno::Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(nix::errno::Errno::EAGAIN) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "nobody accepted the connection in time",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
 /// Sends `request` and returns the stream to read the reply from, with `timeout` for each read.
 pub fn send(target: &Target, request: Request, timeout: Duration) -> anyhow::Result<Client> {
-    let mut stream = target.connect()?;
+    let deadline = Instant::now() + timeout;
+    let mut stream = target.connect(deadline)?;
     let sent = stream.write_all(format!("{}\n", request.as_str()).as_bytes());
     let mut client = Client {
         reader: BufReader::new(stream),
-        deadline: Instant::now() + timeout,
+        deadline,
         early: None,
     };
     if let Err(e) = sent {

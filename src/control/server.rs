@@ -75,7 +75,9 @@ pub struct ControlServer {
     clients: Vec<Conn>,
     next_id: ClientId,
     paused_until: Millis,
+    /// One throttle per kind of warning: other users, a full house, clients out of time.
     refused: Throttle,
+    full: Throttle,
     dropped: Throttle,
 }
 
@@ -128,6 +130,7 @@ impl ControlServer {
             next_id,
             paused_until: 0,
             refused: Throttle::new(1_000),
+            full: Throttle::new(1_000),
             dropped: Throttle::new(1_000),
         }
     }
@@ -314,7 +317,7 @@ impl ControlServer {
                 }
             }
             if self.clients.len() >= MAX_CLIENTS {
-                self.refused.warn(
+                self.full.warn(
                     now,
                     format!("control: refused a client: {MAX_CLIENTS} are connected already"),
                 );

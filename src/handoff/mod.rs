@@ -306,12 +306,12 @@ fn what(role: &Role) -> &'static str {
     }
 }
 
-/// Leaves out the generations whose leader was reaped and whose process group holds no child of
-/// this process: nothing of them can be found any more, and their group id could be anyone's.
+/// Leaves out the generations whose leader was reaped and of which nothing can be found
+/// (`remains(generation, pgid)` says): their group id could be anyone's by now.
 impl Record {
-    pub fn drop_unreachable_generations(&mut self) -> Vec<u64> {
+    pub fn drop_unreachable_generations(&mut self, remains: impl Fn(u64, i32) -> bool) -> Vec<u64> {
         self.state
-            .retain_gens(|_, pid, leader_alive| leader_alive || crate::sys::group_has_child(pid))
+            .retain_gens(|id, pid, leader_alive| leader_alive || remains(id, pid))
     }
 }
 

@@ -117,7 +117,7 @@ fn a_squatter_on_the_abstract_name_is_never_taken_for_grace() {
     let dir = temp_dir("trust-squatter");
     let pid_file = dir.join("pid");
     for (uid, why) in [
-        (Some(NOBODY), "of uid 65534, neither this user nor root"),
+        (Some(NOBODY), "of uid 65534, not grace's pid"),
         (None, "not grace's pid"),
     ] {
         // A stale pid file, and somebody listening on the name that pid's grace would use.
