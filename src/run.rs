@@ -99,7 +99,7 @@ fn adopt(text: &str, policy: Policy, signalfd: i32) -> anyhow::Result<(Superviso
         // with nobody to stop them: take them down with us. (Their pids were validated: each
         // leader is this process's child, or something of it can still be found.)
         for (id, pid, alive) in record.state.pids() {
-            Members::detect(false, Vec::new()).kill(id, pid, alive);
+            members.kill(id, pid, alive);
         }
     })?;
     let sup = Supervisor::restore(policy, record.state);
