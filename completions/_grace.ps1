@@ -40,6 +40,7 @@ Register-ArgumentCompleter -Native -CommandName 'grace' -ScriptBlock {
             [CompletionResult]::new('--ready-timeout', '--ready-timeout', [CompletionResultType]::ParameterName, 'Roll a new generation back if it is not ready within this time')
             [CompletionResult]::new('--stop-signal', '--stop-signal', [CompletionResultType]::ParameterName, 'The signal that asks a generation to drain and exit (TERM, SIGQUIT, 15, …)')
             [CompletionResult]::new('--drain-timeout', '--drain-timeout', [CompletionResultType]::ParameterName, 'How long a draining generation may take before its whole process group gets SIGKILL')
+            [CompletionResult]::new('--idle-wait', '--idle-wait', [CompletionResultType]::ParameterName, 'After traffic moved to a new generation, wait up to this long for the old one to close the connections it accepted before sending it the stop signal (0: do not wait)')
             [CompletionResult]::new('--on-crash', '--on-crash', [CompletionResultType]::ParameterName, 'What to do when the current generation dies on its own')
             [CompletionResult]::new('--max-draining', '--max-draining', [CompletionResultType]::ParameterName, 'At most this many generations draining at once; the oldest is killed first')
             [CompletionResult]::new('--pid-file', '--pid-file', [CompletionResultType]::ParameterName, 'Write grace''s PID here (atomically); removed on exit')

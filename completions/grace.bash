@@ -211,7 +211,7 @@ _grace() {
             return 0
             ;;
         grace__subcmd__run)
-            opts="-l -h --listen --ready --ready-timeout --stop-signal --drain-timeout --on-crash --max-draining --pid-file --control --status-file --compat --backlog --socket-mode --no-listen-pid --inject --help"
+            opts="-l -h --listen --ready --ready-timeout --stop-signal --drain-timeout --idle-wait --on-crash --max-draining --pid-file --control --status-file --compat --backlog --socket-mode --no-listen-pid --inject --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -238,6 +238,10 @@ _grace() {
                     return 0
                     ;;
                 --drain-timeout)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --idle-wait)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -36,6 +36,7 @@ set edit:completion:arg-completer[grace] = {|@words|
             cand --ready-timeout 'Roll a new generation back if it is not ready within this time'
             cand --stop-signal 'The signal that asks a generation to drain and exit (TERM, SIGQUIT, 15, …)'
             cand --drain-timeout 'How long a draining generation may take before its whole process group gets SIGKILL'
+            cand --idle-wait 'After traffic moved to a new generation, wait up to this long for the old one to close the connections it accepted before sending it the stop signal (0: do not wait)'
             cand --on-crash 'What to do when the current generation dies on its own'
             cand --max-draining 'At most this many generations draining at once; the oldest is killed first'
             cand --pid-file 'Write grace''s PID here (atomically); removed on exit'

@@ -37,6 +37,7 @@ complete -c grace -n "__fish_grace_using_subcommand run" -l ready -d 'When a new
 complete -c grace -n "__fish_grace_using_subcommand run" -l ready-timeout -d 'Roll a new generation back if it is not ready within this time' -r
 complete -c grace -n "__fish_grace_using_subcommand run" -l stop-signal -d 'The signal that asks a generation to drain and exit (TERM, SIGQUIT, 15, …)' -r
 complete -c grace -n "__fish_grace_using_subcommand run" -l drain-timeout -d 'How long a draining generation may take before its whole process group gets SIGKILL' -r
+complete -c grace -n "__fish_grace_using_subcommand run" -l idle-wait -d 'After traffic moved to a new generation, wait up to this long for the old one to close the connections it accepted before sending it the stop signal (0: do not wait)' -r
 complete -c grace -n "__fish_grace_using_subcommand run" -l on-crash -d 'What to do when the current generation dies on its own' -r -f -a "restart\t'Start a new generation on the same sockets (clients wait in the queue), with a capped backoff; give up after repeated crashes'
 exit\t'Stop and exit with the generation\'s status'"
 complete -c grace -n "__fish_grace_using_subcommand run" -l max-draining -d 'At most this many generations draining at once; the oldest is killed first' -r

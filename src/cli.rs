@@ -130,6 +130,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// After traffic moved to a new generation, wait up to this long for the old one to close
+    /// the connections it accepted before sending it the stop signal (0: do not wait).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_duration)]
+    pub idle_wait: Duration,
+
     /// What to do when the current generation dies on its own.
     #[arg(long, value_name = "POLICY", value_enum, default_value_t = OnCrash::Exit)]
     pub on_crash: OnCrash,
@@ -206,6 +211,7 @@ mod tests {
         };
         assert_eq!(run.ready_timeout, Duration::from_secs(60));
         assert_eq!(run.drain_timeout, Duration::from_secs(30));
+        assert_eq!(run.idle_wait, Duration::from_secs(5));
         assert_eq!(run.stop_signal, Signal::SIGTERM);
         assert_eq!(run.on_crash, OnCrash::Exit);
         assert_eq!(run.command, ["srv", "--flag"]);

@@ -25,7 +25,8 @@ use crate::probe::Probes;
 use crate::signals::{SignalEvent, Signals, classify};
 use crate::spawn;
 use crate::status;
-use crate::supervisor::{Action, Event, GenId, Level, Phase, Supervisor};
+use crate::steer;
+use crate::supervisor::{Action, Event, GenId, Level, Phase, Supervisor, Wait};
 use crate::sys::{self, now};
 use crate::systemd;
 use crate::throttle::Throttle;
@@ -174,7 +175,10 @@ impl EventLoop {
                 ready: msg.has("READY=1"),
             });
         }
-        self.probes.service(t, &mut more);
+        let (steering, listeners) = (&mut self.held.steering, &self.held.listeners);
+        self.probes.service(t, &mut more, &mut |generation, port| {
+            steering.probe_from(listeners, generation, port)
+        });
         events.extend(more);
         events.push_back(Event::Tick);
     }
@@ -232,14 +236,53 @@ impl EventLoop {
             Action::Log(Level::Warn, line) => warn!("{line}"),
             Action::Log(Level::Untrusted, line) => self.untrusted.warn(now(), line),
             Action::ReExec => self.reexec_due = true,
-            Action::Spawn { generation } => {
+            Action::Spawn {
+                generation,
+                take_over,
+            } => {
                 // systemd's start/reload timeout may be shorter than ours: ask for the time the
                 // readiness gate can take.
                 systemd::extend_timeout(self.args.ready_timeout);
-                events.push_back(self.spawn(generation));
+                events.push_back(self.spawn(generation, take_over));
+            }
+            Action::Steer { generation } => {
+                info!("new connections go to generation {generation}");
+                for line in self
+                    .held
+                    .steering
+                    .steer(&mut self.held.listeners, generation)
+                {
+                    warn!("{line}");
+                }
+            }
+            Action::Measure {
+                generation,
+                pid,
+                wait,
+            } => {
+                let count = match wait {
+                    Wait::Queue => self.held.steering.queued(&self.held.listeners, generation),
+                    Wait::Idle => {
+                        let pids = self.members.pids(generation, pid);
+                        steer::connections(
+                            &self.held.steering.tcp_ports(),
+                            &steer::socket_inodes(&pids),
+                        )
+                    }
+                };
+                events.push_back(Event::Measured {
+                    generation,
+                    wait,
+                    count,
+                });
             }
             Action::Probe { generation, pid } => self.probes.start(generation, pid, now()),
-            Action::EndProbe { generation } => self.probes.end(generation),
+            Action::EndProbe { generation } => {
+                self.probes.end(generation);
+                self.held
+                    .steering
+                    .end_probe(&self.held.listeners, generation);
+            }
             Action::Signal { pid, signal } => self.held.pidfds.signal(pid, signal),
             Action::KillGroup { pgid } => {
                 match self.sup.generations().iter().find(|g| g.pid == pgid) {
@@ -252,6 +295,7 @@ impl EventLoop {
                 let view = status::View {
                     sup: &self.sup,
                     listeners: &self.held.listeners,
+                    steering: &self.held.steering,
                     now: now(),
                 };
                 let line = if text {
@@ -268,7 +312,7 @@ impl EventLoop {
         None
     }
 
-    fn spawn(&mut self, generation: GenId) -> Event {
+    fn spawn(&mut self, generation: GenId, take_over: bool) -> Event {
         let failed = |reason: String, code: i32| Event::SpawnFailed {
             generation,
             reason,
@@ -284,12 +328,26 @@ impl EventLoop {
                 return failed(format!("{e:#}"), code);
             }
         };
-        let probe = match self.probes.prepare(generation) {
+        let sockets =
+            match self
+                .held
+                .steering
+                .sockets_for(&self.held.listeners, generation, take_over)
+            {
+                Ok(sockets) => sockets,
+                Err(reason) => return failed(reason, exit::FAILURE),
+            };
+        let steered = self
+            .held
+            .steering
+            .probe_target(&self.held.listeners, generation);
+        let probe = match self.probes.prepare(generation, steered) {
             Ok(probe) => probe,
             Err(reason) => return failed(reason, exit::FAILURE),
         };
         let (fds, mut env) = spawn::layout(
             &self.held.listeners,
+            sockets,
             probe,
             &self.held.notify.name,
             generation,
@@ -352,6 +410,7 @@ impl EventLoop {
         let record = Record {
             state: self.sup.state().clone(),
             fds: self.held.record(),
+            groups: self.held.steering.record(),
         };
         if let Err(reason) = self.held.keep_across_exec() {
             return reason;
@@ -379,12 +438,16 @@ impl EventLoop {
         format!("re-executing {}: {}", self.grace_exe.display(), err.desc())
     }
 
-    /// Drops the pidfds and cgroups of generations the supervisor no longer has.
+    /// Drops the pidfds, cgroups and sockets of generations the supervisor no longer has.
     fn forget_gone_leaders(&mut self) {
         let sup = &self.sup;
         self.held
             .pidfds
             .retain(|pid| sup.generations().iter().any(|g| g.pid == pid));
+        let live: Vec<GenId> = sup.generations().iter().map(|g| g.id).collect();
+        for line in self.held.steering.collect(&self.held.listeners, &live) {
+            self.untrusted.warn(now(), line);
+        }
         // The cgroups on disk are looked at only when the set of generations changed.
         let ids: Vec<GenId> = sup.generations().iter().map(|g| g.id).collect();
         if ids != self.known_gens {
@@ -408,6 +471,7 @@ impl EventLoop {
         let view = |now| status::View {
             sup: &self.sup,
             listeners: &self.held.listeners,
+            steering: &self.held.steering,
             now,
         };
         let key = status::json(&view(0));

@@ -13,10 +13,13 @@ use crate::inject;
 use crate::listen::Listener;
 use crate::notify::NotifySocket;
 use crate::pidfds::Pidfds;
+use crate::steer::{GroupRecord, Steering};
 use crate::sys;
 
 pub struct Held {
     pub listeners: Vec<Listener>,
+    /// The generations' own sockets in the listeners' reuseport groups.
+    pub steering: Steering,
     pub notify: NotifySocket,
     pub control: ControlServer,
     pub pidfds: Pidfds,
@@ -72,6 +75,7 @@ impl Held {
             }))
             .chain(library)
             .chain(pidfds)
+            .chain(self.steering.carried())
             .collect()
     }
 
@@ -88,8 +92,9 @@ impl Held {
 
     /// Takes over what the previous image handed over (the record was validated: every fd is
     /// open, ≥ 3 and named once, so each becomes owned exactly once here).
-    pub fn adopt(carried: &[Carried]) -> anyhow::Result<Held> {
+    pub fn adopt(carried: &[Carried], groups: &[GroupRecord]) -> anyhow::Result<Held> {
         let mut listeners = Vec::new();
+        let mut members = Vec::new();
         let mut notify = None;
         let mut sockets = Vec::new();
         let mut clients = Vec::new();
@@ -125,10 +130,14 @@ impl Held {
                 }),
                 Role::Library => inject::adopt_library(owned),
                 Role::Pidfd { pid } => pidfds.push((pid, owned)),
+                Role::Member { listener, owner } => members.push((owned, listener, owner)),
             }
         }
+        let steering = Steering::adopt(&listeners, groups, members)
+            .map_err(|e| anyhow::anyhow!("adopting the steered sockets: {e}"))?;
         Ok(Held {
             listeners,
+            steering,
             notify: notify.context("the handoff record has no notify socket")?,
             control: ControlServer::adopt(sockets, clients)?,
             pidfds: Pidfds::adopt(pidfds),

@@ -23,7 +23,6 @@ mod run;
 mod signals;
 mod spawn;
 mod status;
-#[allow(dead_code, unused_imports)] // wired into the loop by the next commits
 mod steer;
 mod supervisor;
 mod sys;

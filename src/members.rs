@@ -217,6 +217,30 @@ impl Members {
             }
     }
 
+    /// The processes of a generation, as far as they can be seen: its cgroup's, else its process
+    /// group's and its re-parented workers' (none where `/proc` is another namespace's).
+    pub fn pids(&self, generation: GenId, pgid: i32) -> Vec<i32> {
+        if let Some(dir) = self.dir(generation) {
+            return procs_of(&dir);
+        }
+        if !self.own_proc {
+            return Vec::new();
+        }
+        let mut pids: Vec<i32> = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| process_group(pid) == Some(pgid))
+            .collect();
+        for pid in self.orphans_of(generation) {
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
     /// The generation is gone: its cgroup goes too.
     pub fn forget(&mut self, generation: GenId) {
         self.killed.retain(|&g| g != generation);
@@ -328,6 +352,18 @@ fn sweep(parent: &Path) {
         }
         let _ = fs::remove_dir(entry.path());
     }
+}
+
+/// The process group of `pid`, from `/proc/<pid>/stat` (`pid (comm) state ppid pgrp …`; the
+/// command name may hold spaces and parentheses, so fields are counted after the last `)`).
+fn process_group(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
 }
 
 fn procs_of(dir: &Path) -> Vec<i32> {

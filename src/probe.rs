@@ -10,13 +10,14 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 use nix::poll::PollFlags;
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::socket::{
-    AddressFamily, SockFlag, SockType, SockaddrStorage, connect, getsockopt, socket, sockopt,
+    AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, getsockname, getsockopt,
+    socket, sockopt,
 };
 use nix::unistd::Pid;
 
@@ -62,10 +63,20 @@ struct Probe {
     generation: GenId,
     /// The generation's leader (for `exec`'s `GRACE_PID`).
     pid: i32,
-    /// The generation's private loopback socket (`http`, `tcp`): grace holds a copy until the
-    /// probe ends.
-    socket: Option<(TcpListener, SocketAddr)>,
+    /// Where `http` and `tcp` connect.
+    target: Option<Target>,
     attempt: Attempt,
+}
+
+/// What a network probe connects to.
+struct Target {
+    addr: SocketAddr,
+    /// The generation's socket the connection lands in (grace's copy, held until the probe
+    /// ends): its accept queue shows whether the server took the connection.
+    queue: OwnedFd,
+    /// The real address, where the steering sends connections from the probe's source port to
+    /// the generation; else a private loopback socket of the generation's own.
+    steered: bool,
 }
 
 pub struct Probes {
@@ -81,26 +92,53 @@ impl Probes {
         }
     }
 
-    /// The private probe socket for a generation about to be spawned, if the mode needs one.
-    pub fn prepare(&mut self, generation: GenId) -> Result<Option<(RawFd, SocketAddr)>, String> {
+    /// Where a generation about to be spawned is probed, if the mode connects: `steered`, its own
+    /// socket on a steered listener (the address, and the socket); else a private probe socket,
+    /// returned to be passed to the generation (an extra fd and `GRACE_PROBE_ADDR`).
+    pub fn prepare(
+        &mut self,
+        generation: GenId,
+        steered: Option<(SocketAddr, BorrowedFd<'_>)>,
+    ) -> Result<Option<(RawFd, SocketAddr)>, String> {
         if !self.mode.needs_probe_socket() {
             return Ok(None);
         }
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .map_err(|e| format!("binding its probe socket: {e}"))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| format!("binding its probe socket: {e}"))?;
-        let fd = listener.as_raw_fd();
+        let (target, private) = match steered {
+            Some((addr, socket)) => {
+                let queue = socket
+                    .try_clone_to_owned()
+                    .map_err(|e| format!("holding its socket for the probe: {e}"))?;
+                let target = Target {
+                    addr,
+                    queue,
+                    steered: true,
+                };
+                (target, None)
+            }
+            None => {
+                let listener = TcpListener::bind("127.0.0.1:0")
+                    .map_err(|e| format!("binding its probe socket: {e}"))?;
+                let addr = listener
+                    .local_addr()
+                    .map_err(|e| format!("binding its probe socket: {e}"))?;
+                let fd = listener.as_raw_fd();
+                let target = Target {
+                    addr,
+                    queue: listener.into(),
+                    steered: false,
+                };
+                (target, Some((fd, addr)))
+            }
+        };
         self.items.push(Probe {
             generation,
             pid: 0,
-            socket: Some((listener, addr)),
+            target: Some(target),
             attempt: Attempt::Idle {
                 next_at: Millis::MAX,
             },
         });
-        Ok(Some((fd, addr)))
+        Ok(private)
     }
 
     /// Starts probing a spawned generation.
@@ -113,7 +151,7 @@ impl Probes {
             None => self.items.push(Probe {
                 generation,
                 pid,
-                socket: None,
+                target: None,
                 attempt: Attempt::Idle { next_at: now },
             }),
         }
@@ -193,11 +231,17 @@ impl Probes {
         })
     }
 
-    /// Moves every probe on as far as it goes without blocking.
-    pub fn service(&mut self, now: Millis, events: &mut Vec<Event>) {
+    /// Moves every probe on as far as it goes without blocking. `steer(generation, port)` is
+    /// called before a connection to the real address is made from source port `port`.
+    pub fn service(
+        &mut self,
+        now: Millis,
+        events: &mut Vec<Event>,
+        steer: &mut dyn FnMut(GenId, u16),
+    ) {
         for p in &mut self.items {
             let attempt = std::mem::replace(&mut p.attempt, Attempt::Idle { next_at: 0 });
-            let (next, verdict) = advance(&self.mode, p, attempt, now);
+            let (next, verdict) = advance(&self.mode, p, attempt, now, steer);
             p.attempt = next;
             match verdict {
                 Some(Ok(())) => {
@@ -226,8 +270,15 @@ impl Probes {
 
 type Verdict = Option<Result<(), String>>;
 
-fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attempt, Verdict) {
-    let addr = p.socket.as_ref().map(|(_, a)| *a);
+fn advance(
+    mode: &ReadyMode,
+    p: &Probe,
+    attempt: Attempt,
+    now: Millis,
+    steer: &mut dyn FnMut(GenId, u16),
+) -> (Attempt, Verdict) {
+    let addr = p.target.as_ref().map(|t| t.addr);
+    let steered = p.target.as_ref().is_some_and(|t| t.steered);
     match attempt {
         Attempt::Idle { next_at } if now < next_at => (Attempt::Idle { next_at }, None),
         Attempt::Idle { .. } => match (mode, addr) {
@@ -235,17 +286,19 @@ fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attem
                 Ok(pid) => (Attempt::Running { pid }, None),
                 Err(e) => (idle(), Some(Err(e))),
             },
-            (_, Some(addr)) => match connect_nonblocking(addr) {
-                Ok(stream) => {
-                    let connecting = Attempt::Connecting {
-                        stream,
-                        deadline: now + ATTEMPT_TIME,
-                    };
-                    // Loopback often connects at once: go on in the same wake-up.
-                    advance(mode, p, connecting, now)
+            (_, Some(addr)) => {
+                match connect_nonblocking(addr, steered, &mut |port| steer(p.generation, port)) {
+                    Ok(stream) => {
+                        let connecting = Attempt::Connecting {
+                            stream,
+                            deadline: now + ATTEMPT_TIME,
+                        };
+                        // Loopback often connects at once: go on in the same wake-up.
+                        advance(mode, p, connecting, now, steer)
+                    }
+                    Err(e) => (idle(), Some(Err(format!("connecting to {addr}: {e}")))),
                 }
-                Err(e) => (idle(), Some(Err(format!("connecting to {addr}: {e}")))),
-            },
+            }
             _ => (never(), None),
         },
         Attempt::Connecting { stream, deadline } => {
@@ -278,6 +331,7 @@ fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attem
                                     deadline,
                                 },
                                 now,
+                                steer,
                             ),
                             Ok(_) => (
                                 idle(),
@@ -295,6 +349,7 @@ fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attem
                             deadline,
                         },
                         now,
+                        steer,
                     ),
                 },
             }
@@ -345,7 +400,12 @@ fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attem
             check_at,
             deadline,
         } => {
-            let Some((listener, addr)) = &p.socket else {
+            let Some(Target {
+                queue: listener,
+                addr,
+                ..
+            }) = &p.target
+            else {
                 return (never(), None);
             };
             if now < check_at {
@@ -360,7 +420,8 @@ fn advance(mode: &ReadyMode, p: &Probe, attempt: Attempt, now: Millis) -> (Attem
             }
             // Connecting alone proves nothing: grace's own copy of the socket is listening, so
             // the kernel completes the handshake whether or not the server ever accepts. What
-            // counts is the connection leaving the accept queue.
+            // counts is the connection leaving the accept queue (the generation's socket gets
+            // no other connection before it is ready).
             match crate::sys::accept_queue_len(listener.as_fd()) {
                 Ok(0) => (idle(), Some(Ok(()))),
                 Ok(_) if now < deadline => (
@@ -400,7 +461,13 @@ fn never() -> Attempt {
     }
 }
 
-fn connect_nonblocking(addr: SocketAddr) -> Result<TcpStream, Errno> {
+/// `steered`: the connection is made from a source port of its own, which `steer` hears before
+/// the handshake starts.
+fn connect_nonblocking(
+    addr: SocketAddr,
+    steered: bool,
+    steer: &mut dyn FnMut(u16),
+) -> Result<TcpStream, Errno> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
@@ -411,6 +478,23 @@ fn connect_nonblocking(addr: SocketAddr) -> Result<TcpStream, Errno> {
         SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
         None,
     )?;
+    if steered {
+        let from = SocketAddr::new(
+            match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+            },
+            0,
+        );
+        bind(fd.as_raw_fd(), &SockaddrStorage::from(from))?;
+        let local: SockaddrStorage = getsockname(fd.as_raw_fd())?;
+        let port = local
+            .as_sockaddr_in()
+            .map(|a| a.port())
+            .or_else(|| local.as_sockaddr_in6().map(|a| a.port()))
+            .ok_or(Errno::EAFNOSUPPORT)?;
+        steer(port);
+    }
     match connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
         Ok(()) | Err(Errno::EINPROGRESS) => Ok(TcpStream::from(fd)),
         Err(e) => Err(e),
@@ -456,7 +540,7 @@ mod tests {
         let end = crate::sys::now() + ms;
         while crate::sys::now() < end {
             let mut events = Vec::new();
-            probes.service(crate::sys::now(), &mut events);
+            probes.service(crate::sys::now(), &mut events, &mut |_, _| {});
             if let Some(e) = events.pop() {
                 return Some(e);
             }
@@ -465,18 +549,18 @@ mod tests {
         None
     }
 
+    /// The generation's copy of its probe socket.
+    fn server_copy(probes: &Probes) -> TcpListener {
+        let target = probes.items[0].target.as_ref().unwrap();
+        TcpListener::from(target.queue.try_clone().unwrap())
+    }
+
     /// An `http` probe whose server, in a thread, answers `reply` (or, if empty, never does).
     fn http(reply: &'static str) -> Probes {
         let mut probes = Probes::new(ReadyMode::Http("/health".into()));
-        probes.prepare(1).unwrap().unwrap();
+        probes.prepare(1, None).unwrap().unwrap();
         // The "server": a duplicate of the private socket, as the generation would have.
-        let listener = probes.items[0]
-            .socket
-            .as_ref()
-            .unwrap()
-            .0
-            .try_clone()
-            .unwrap();
+        let listener = server_copy(&probes);
         std::thread::spawn(move || {
             let (mut conn, _) = listener.accept().unwrap();
             let mut buf = [0u8; 1024];
@@ -517,7 +601,7 @@ mod tests {
         let start = std::time::Instant::now();
         let mut events = Vec::new();
         for _ in 0..50 {
-            p.service(crate::sys::now(), &mut events);
+            p.service(crate::sys::now(), &mut events, &mut |_, _| {});
         }
         assert!(
             start.elapsed() < Duration::from_millis(50),
@@ -534,14 +618,14 @@ mod tests {
     #[test]
     fn tcp_needs_the_connection_accepted() {
         let mut p = Probes::new(ReadyMode::Tcp);
-        p.prepare(1).unwrap().unwrap();
+        p.prepare(1, None).unwrap().unwrap();
         p.start(1, 1234, crate::sys::now());
         // Listening but nobody accepts: the handshake completes, the probe must still fail.
         let Some(Event::ProbeFailed { error, .. }) = verdict(&mut p, 3_000) else {
             panic!()
         };
         assert!(error.contains("not accepted"), "{error}");
-        let accepter = p.items[0].socket.as_ref().unwrap().0.try_clone().unwrap();
+        let accepter = server_copy(&p);
         std::thread::spawn(move || {
             for _ in 0..3 {
                 let _ = accepter.accept();
@@ -556,7 +640,7 @@ mod tests {
     #[test]
     fn ending_a_probe_closes_its_socket() {
         let mut p = Probes::new(ReadyMode::Tcp);
-        let (fd, addr) = p.prepare(1).unwrap().unwrap();
+        let (fd, addr) = p.prepare(1, None).unwrap().unwrap();
         assert!(crate::sys::fd_is_open(fd));
         p.end(1);
         assert!(TcpStream::connect(addr).is_err());

@@ -23,6 +23,7 @@ use crate::readiness::{AUTO_DELAY, ReadyMode};
 use crate::signals::Signals;
 use crate::spawn;
 use crate::status;
+use crate::steer::Steering;
 use crate::supervisor::{AliveRule, Event, GenState, Millis, Policy, Supervisor};
 use crate::sys;
 
@@ -36,16 +37,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         warn!("cannot become a child subreaper: {e}");
     }
     // 2. The sockets: bound now, or handed over by the previous image.
-    let policy = policy_of(&args);
     let (sup, held, members, first) = match std::env::var(handoff::ENV).ok() {
         Some(text) => {
-            let (sup, held, members) = adopt(&text, policy, signals.as_fd().as_raw_fd())?;
+            let (sup, held, members) = adopt(&text, &args, signals.as_fd().as_raw_fd())?;
             info!("re-executed; continuing the restart");
             (sup, held, members, Event::Adopted)
         }
         None => {
             let held = bind(&args)?;
             let members = Members::detect(true, Vec::new());
+            let policy = policy_of(&args, held.steering.any());
             (Supervisor::new(policy), held, members, Event::Start)
         }
     };
@@ -75,8 +76,13 @@ fn bind(args: &RunArgs) -> anyhow::Result<Held> {
     for l in &listeners {
         info!("listening on {} (name {})", l.local, l.name);
     }
+    let (steering, shared) = Steering::new(&listeners);
+    for line in shared {
+        info!("{line}");
+    }
     Ok(Held {
         listeners,
+        steering,
         notify: NotifySocket::create()?,
         control: ControlServer::open(args.control.as_deref())?,
         pidfds: Pidfds::default(),
@@ -85,7 +91,7 @@ fn bind(args: &RunArgs) -> anyhow::Result<Held> {
 
 /// The previous image's state, once the record passed validation: nothing in it is signalled or
 /// used before that.
-fn adopt(text: &str, policy: Policy, signalfd: i32) -> anyhow::Result<(Supervisor, Held, Members)> {
+fn adopt(text: &str, args: &RunArgs, signalfd: i32) -> anyhow::Result<(Supervisor, Held, Members)> {
     let mut record = Record::decode(text)
         .and_then(|r| r.validate(&[signalfd]).map(|()| r))
         .map_err(anyhow::Error::msg)
@@ -94,7 +100,7 @@ fn adopt(text: &str, policy: Policy, signalfd: i32) -> anyhow::Result<(Superviso
     for generation in record.drop_unreachable_generations(|id, pgid| members.remains(id, pgid)) {
         warn!("generation {generation}: nothing of it is left to find; forgotten");
     }
-    let held = Held::adopt(&record.fds).inspect_err(|_| {
+    let held = Held::adopt(&record.fds, &record.groups).inspect_err(|_| {
         // Exiting now would leave the generations running on their own, holding the sockets
         // with nobody to stop them: take them down with us. (Their pids were validated: each
         // leader is this process's child, or something of it can still be found.)
@@ -102,7 +108,7 @@ fn adopt(text: &str, policy: Policy, signalfd: i32) -> anyhow::Result<(Superviso
             members.kill(id, pid, alive);
         }
     })?;
-    let sup = Supervisor::restore(policy, record.state);
+    let sup = Supervisor::restore(policy_of(args, held.steering.any()), record.state);
     members.mark_killed(
         sup.generations()
             .iter()
@@ -112,11 +118,14 @@ fn adopt(text: &str, policy: Policy, signalfd: i32) -> anyhow::Result<(Superviso
     Ok((sup, held, members))
 }
 
-fn policy_of(args: &RunArgs) -> Policy {
+/// `steered`: some listener is steered (an old generation's queue and connections are waited for).
+fn policy_of(args: &RunArgs, steered: bool) -> Policy {
     let ms = |d: Duration| d.as_millis() as Millis;
     Policy {
         ready_timeout: ms(args.ready_timeout),
         drain_timeout: ms(args.drain_timeout),
+        idle_wait: ms(args.idle_wait),
+        steered,
         alive: match &args.ready {
             ReadyMode::Auto => AliveRule::Auto(ms(AUTO_DELAY)),
             ReadyMode::Delay(d) => AliveRule::After(ms(*d)),

@@ -3,7 +3,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
@@ -69,12 +69,13 @@ pub fn resolve_command(command: &[OsString]) -> anyhow::Result<PathBuf> {
 /// environment a generation gets, before `--inject` adds to it.
 pub fn layout(
     listeners: &[Listener],
+    sockets: Vec<RawFd>,
     probe: Option<(RawFd, SocketAddr)>,
     notify_socket: &str,
     generation: GenId,
     compat: &[Compat],
 ) -> (Vec<RawFd>, Vec<CString>) {
-    let mut fds: Vec<RawFd> = listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+    let mut fds = sockets;
     let mut names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
     let mut env = base_env();
     if let Some((fd, addr)) = probe {

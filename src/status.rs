@@ -4,12 +4,14 @@
 use std::fmt::Write as _;
 
 use crate::listen::Listener;
+use crate::steer::Steering;
 use crate::supervisor::{Cause, GenState, Millis, Outcome, Phase, Supervisor};
 
 /// Everything the status shows, borrowed from the runtime.
 pub struct View<'a> {
     pub sup: &'a Supervisor,
     pub listeners: &'a [Listener],
+    pub steering: &'a Steering,
     pub now: Millis,
 }
 
@@ -40,10 +42,17 @@ pub fn json(v: &View<'_>) -> String {
         );
     }
     s.push_str("],\"listen\":[");
+    let sizes = v.steering.group_sizes();
     for (i, l) in v.listeners.iter().enumerate() {
+        // A steered listener's group: how many sockets are in it (grace's for each generation,
+        // and any stranger's).
+        let sockets = match sizes.iter().find(|(l, _)| *l == i) {
+            Some((_, n)) => format!("\"steered\":true,\"sockets\":{n}"),
+            None => "\"steered\":false".to_string(),
+        };
         let _ = write!(
             s,
-            "{}{{\"name\":{},\"address\":{}}}",
+            "{}{{\"name\":{},\"address\":{},{sockets}}}",
             if i > 0 { "," } else { "" },
             quote(&l.name),
             quote(&l.local.to_string())
@@ -141,6 +150,7 @@ fn state_name(state: &GenState) -> &'static str {
         GenState::Starting { .. } => "starting",
         GenState::Ready => "ready",
         GenState::Draining { .. } => "draining",
+        GenState::Finishing { .. } => "finishing",
     }
 }
 
@@ -232,11 +242,14 @@ mod tests {
             notify_ready: true,
             probe: false,
             on_crash: crate::cli::OnCrash::Exit,
+            idle_wait: 0,
+            steered: false,
         });
         let view = |sup: &Supervisor| {
             json(&View {
                 sup,
                 listeners: &[],
+                steering: &Steering::default(),
                 now: 0,
             })
         };

@@ -386,6 +386,12 @@ unsafe fn fail(report: RawFd) -> ! {
 /// How many connections wait in a listening TCP socket's accept queue (for a listener, the kernel
 /// reports that in `tcpi_unacked`).
 pub fn accept_queue_len(listener: BorrowedFd<'_>) -> Result<u32, Errno> {
+    listen_queue(listener).map(|(len, _)| len)
+}
+
+/// A listening TCP socket's accept queue: its length and its backlog (`tcpi_unacked` and
+/// `tcpi_sacked`, for a listener).
+pub fn listen_queue(listener: BorrowedFd<'_>) -> Result<(u32, u32), Errno> {
     // SAFETY: tcp_info is plain data; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -399,14 +405,20 @@ pub fn accept_queue_len(listener: BorrowedFd<'_>) -> Result<u32, Errno> {
             &mut len,
         )
     };
-    Errno::result(rc).map(|_| info.tcpi_unacked)
+    Errno::result(rc).map(|_| (info.tcpi_unacked, info.tcpi_sacked))
+}
+
+/// The bytes waiting in a datagram socket's receive queue (the size of the next datagram).
+pub fn datagram_queued(socket: BorrowedFd<'_>) -> Result<u32, Errno> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int to the pointer, which is valid for the call.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut n) };
+    Errno::result(rc).map(|_| n.max(0) as u32)
 }
 
 /// `SO_ATTACH_REUSEPORT_CBPF` (Linux 4.5+; the libc crate defines it for Android only).
-#[cfg_attr(not(test), allow(dead_code))]
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Attaches a classic BPF program to the `SO_REUSEPORT` group of `socket`: from then on it picks
 /// the group member for each new connection (or datagram) by index. Attaching again replaces the
 /// program atomically. No privilege is needed.

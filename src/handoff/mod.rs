@@ -21,12 +21,15 @@ use crate::fields::{Fields, esc, opt, opt_text};
 pub use check::check_new_binary;
 
 use crate::listen::{Local, SocketKind};
-use crate::supervisor::{ClientId, Millis, STATE_KEYS, State};
+use crate::steer::{GroupRecord, Member};
+use crate::supervisor::{ClientId, GenId, Millis, STATE_KEYS, State};
 
-/// Version 2: the supervisor's whole state, and one `fd` line per descriptor with its role.
-pub const VERSION: u32 = 2;
+/// Version 3: the supervisor's whole state, one `fd` line per descriptor with its role, and one
+/// `group` line per steered listener (version 2 had no steered sockets: its listeners are
+/// adopted as shared ones).
+pub const VERSION: u32 = 3;
 /// Versions this binary can adopt.
-pub const READABLE: &[u32] = &[2];
+pub const READABLE: &[u32] = &[2, 3];
 pub const ENV: &str = "GRACE_HANDOFF";
 /// Set for the check run of a new binary (see the module documentation).
 pub const CHECK_ENV: &str = "GRACE_HANDOFF_CHECK";
@@ -62,6 +65,11 @@ pub enum Role {
     Library,
     /// A pidfd of a generation's leader.
     Pidfd { pid: i32 },
+    /// A generation's own socket in the reuseport group of listener number `listener`.
+    Member {
+        listener: usize,
+        owner: Option<GenId>,
+    },
 }
 
 /// One descriptor that survives the exec.
@@ -75,6 +83,8 @@ pub struct Carried {
 pub struct Record {
     pub state: State,
     pub fds: Vec<Carried>,
+    /// The steered listeners' groups.
+    pub groups: Vec<GroupRecord>,
 }
 
 impl Record {
@@ -109,8 +119,27 @@ impl Record {
                 } => format!("client {id} {} {}", esc(partial), opt(*deadline)),
                 Role::Library => "library".to_string(),
                 Role::Pidfd { pid } => format!("pidfd {pid}"),
+                Role::Member { listener, owner } => format!("member {listener} {}", opt(*owner)),
             };
             let _ = writeln!(s, "fd {fd} {role}");
+        }
+        for g in &self.groups {
+            let members: Vec<String> = g
+                .members
+                .iter()
+                .map(|m| match m {
+                    Member::Ours(i) => format!("o{i}"),
+                    Member::Foreign(i) => format!("f{i}"),
+                })
+                .collect();
+            let _ = writeln!(
+                s,
+                "group {} {} {} {}",
+                g.listener,
+                g.target,
+                opt(g.target_owner),
+                members.join(",")
+            );
         }
         s
     }
@@ -130,6 +159,7 @@ impl Record {
         }
         let mut state_lines = Vec::new();
         let mut fds = Vec::new();
+        let mut groups = Vec::new();
         for line in lines {
             let f = Fields::new(line);
             match f.key() {
@@ -138,6 +168,7 @@ impl Record {
                     fd: f.num(1)?,
                     role: role_of(&f)?,
                 }),
+                "group" => groups.push(group_of(&f)?),
                 // A key added by a newer image of the same version: not ours to interpret.
                 _ => {}
             }
@@ -145,6 +176,7 @@ impl Record {
         Ok(Record {
             state: State::decode(state_lines)?,
             fds,
+            groups,
         })
     }
 
@@ -234,6 +266,35 @@ impl Record {
         if let Some(id) = self.state.clients().find(|id| !clients.contains(id)) {
             return refuse(format!("waiting client {id} has no fd"));
         }
+        // Steered sockets: each belongs to a listener of its kind that has a group, named once.
+        let listeners: Vec<&Role> = self
+            .fds
+            .iter()
+            .map(|c| &c.role)
+            .filter(|r| matches!(r, Role::Listener { .. }))
+            .collect();
+        let mut grouped = Vec::new();
+        for g in &self.groups {
+            if g.listener >= listeners.len() || grouped.contains(&g.listener) {
+                return refuse(format!("a group for listener {}", g.listener));
+            }
+            grouped.push(g.listener);
+        }
+        for c in &self.fds {
+            if let Role::Member { listener, .. } = c.role {
+                let Some(Role::Listener { .. }) = listeners.get(listener) else {
+                    return refuse(format!("fd {} is a member of no listener", c.fd));
+                };
+                let kind = crate::sys::fd_kind(c.fd)
+                    .map_err(|e| format!("handoff record refused: fd {}: {e}", c.fd))?;
+                if !grouped.contains(&listener) || !fits(listeners[listener], kind) {
+                    return refuse(format!(
+                        "fd {} is not a member of listener {listener}",
+                        c.fd
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -287,6 +348,8 @@ fn fits(role: &Role, kind: crate::sys::FdKind) -> bool {
         ) => family == UNIX,
         (Role::Library, RegularFile) => true,
         (Role::Pidfd { .. }, Pidfd) => true,
+        // Checked against its listener's kind.
+        (Role::Member { .. }, Socket { .. }) => true,
         _ => false,
     }
 }
@@ -303,6 +366,7 @@ fn what(role: &Role) -> &'static str {
         Role::Client { .. } => "a connected unix stream socket",
         Role::Library => "a regular file",
         Role::Pidfd { .. } => "a pidfd",
+        Role::Member { .. } => "a socket",
     }
 }
 
@@ -338,7 +402,32 @@ fn role_of(f: &Fields<'_>) -> Result<Role, String> {
         },
         "library" => Role::Library,
         "pidfd" => Role::Pidfd { pid: f.num(3)? },
+        "member" => Role::Member {
+            listener: f.num(3)?,
+            owner: f.opt_num(4)?,
+        },
         _ => return Err(f.bad()),
+    })
+}
+
+fn group_of(f: &Fields<'_>) -> Result<GroupRecord, String> {
+    let members = f
+        .word(4)?
+        .split(',')
+        .map(|m| {
+            let inode = |rest: &str| rest.parse::<u64>().map_err(|_| f.bad());
+            match m.split_at_checked(1) {
+                Some(("o", rest)) => inode(rest).map(Member::Ours),
+                Some(("f", rest)) => inode(rest).map(Member::Foreign),
+                _ => Err(f.bad()),
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(GroupRecord {
+        listener: f.num(1)?,
+        target: f.num(2)?,
+        target_owner: f.opt_num(3)?,
+        members,
     })
 }
 

@@ -27,6 +27,7 @@ impl Fds {
                 .unwrap()
                 .into(),
             crate::sys::pidfd_open(kids[0].pid()).unwrap(),
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap().into(),
         ])
     }
     fn raw(&self, i: usize) -> i32 {
@@ -108,6 +109,10 @@ fn sample(fds: &Fds, kids: &[Child]) -> Record {
         },
         Role::Library,
         Role::Pidfd { pid: kids[0].pid() },
+        Role::Member {
+            listener: 0,
+            owner: Some(3),
+        },
     ];
     let fds = roles
         .into_iter()
@@ -117,7 +122,16 @@ fn sample(fds: &Fds, kids: &[Child]) -> Record {
             role,
         })
         .collect();
-    Record { state, fds }
+    Record {
+        state,
+        fds,
+        groups: vec![GroupRecord {
+            listener: 0,
+            target: 41,
+            target_owner: None,
+            members: vec![Member::Ours(40), Member::Foreign(9), Member::Ours(41)],
+        }],
+    }
 }
 
 fn fixture() -> (Fds, Vec<Child>) {
@@ -130,7 +144,7 @@ fn round_trip_and_validates() {
     let (fds, kids) = fixture();
     let record = sample(&fds, &kids);
     let text = record.encode();
-    assert!(text.starts_with("grace-handoff 2\n"));
+    assert!(text.starts_with("grace-handoff 3\n"));
     assert!(!text.contains("a b"), "spaces must be escaped: {text}");
     let decoded = Record::decode(&text).unwrap();
     assert_eq!(decoded, record);
@@ -142,7 +156,7 @@ fn refuses_unknown_versions() {
     let (fds, kids) = fixture();
     let text = sample(&fds, &kids)
         .encode()
-        .replacen("grace-handoff 2", "grace-handoff 1", 1);
+        .replacen("grace-handoff 3", "grace-handoff 1", 1);
     let err = Record::decode(&text).unwrap_err();
     assert!(err.contains("version 1 is not supported"), "{err}");
     assert!(Record::decode("hello").unwrap_err().contains("bad header"));
@@ -251,6 +265,32 @@ fn bad_fds_are_refused() {
                 r.fds[6].fd = pidfd.fd;
             }),
             "not a connected unix stream socket",
+        ),
+        // A member of the datagram listener on a stream socket; of a listener with no group; of
+        // a listener that does not exist.
+        (
+            Box::new(|r| {
+                r.groups[0].listener = 1;
+                r.fds[9].role = Role::Member {
+                    listener: 1,
+                    owner: None,
+                };
+            }),
+            "not a member of listener 1",
+        ),
+        (Box::new(|r| r.groups.clear()), "not a member of listener 0"),
+        (
+            Box::new(|r| {
+                r.fds[9].role = Role::Member {
+                    listener: 5,
+                    owner: None,
+                }
+            }),
+            "a member of no listener",
+        ),
+        (
+            Box::new(|r| r.groups[0].listener = 7),
+            "a group for listener 7",
         ),
     ];
     for (mutate, why) in cases {

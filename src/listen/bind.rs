@@ -532,10 +532,10 @@ fn inet_addr_of(fd: &impl AsFd) -> Result<SocketAddr> {
         .context("not an internet socket")
 }
 
-#[cfg_attr(not(test), allow(dead_code))]
 /// Another member of the `SO_REUSEPORT` group of `first` (a listener grace bound, or an inherited
-/// one with `SO_REUSEPORT`): the same family, address and options, bound and (TCP) listening.
-pub fn new_member(first: &impl AsFd, proto: Proto, backlog: Backlog) -> Result<OwnedFd> {
+/// one with `SO_REUSEPORT`): the same family, address, options and backlog, bound and (TCP)
+/// listening. It joins the group at the end (TCP at `listen`, UDP at `bind`).
+pub fn new_member(first: &impl AsFd, proto: Proto) -> Result<OwnedFd> {
     let addr = inet_addr_of(first)?;
     let label = format!("{proto} {addr}");
     let family = if addr.is_ipv4() {
@@ -558,11 +558,21 @@ pub fn new_member(first: &impl AsFd, proto: Proto, backlog: Backlog) -> Result<O
         .map_err(os)
         .with_context(|| format!("binding another socket on {label}"))?;
     if proto == Proto::Tcp {
+        // The same backlog as the first socket's (a listener reports it in TCP_INFO).
+        let backlog = crate::sys::listen_queue(first.as_fd())
+            .ok()
+            .and_then(|(_, max)| Backlog::new(max as i32).ok())
+            .unwrap_or(Backlog::MAXALLOWABLE);
         socket::listen(&fd, backlog)
             .map_err(os)
             .with_context(|| format!("listening on {label}"))?;
     }
     Ok(fd)
+}
+
+/// Whether an internet socket has `SO_REUSEPORT` on (it can have others in its group).
+pub fn reuses_port(fd: &impl AsFd) -> bool {
+    socket::getsockopt(fd, sockopt::ReusePort).unwrap_or(false)
 }
 
 fn resolve(name: &str, family: Option<Family>, port: u16) -> Result<SocketAddr> {
@@ -899,7 +909,7 @@ mod tests {
             } else {
                 Proto::Udp
             };
-            let member = new_member(&l.fd, proto, Backlog::new(8).unwrap()).unwrap();
+            let member = new_member(&l.fd, proto).unwrap();
             assert_eq!(
                 inet_addr_of(&member).unwrap(),
                 inet_addr_of(&l.fd).unwrap(),

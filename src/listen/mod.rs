@@ -6,8 +6,6 @@ mod local;
 mod spec;
 
 pub use bind::{BindOptions, Listener, SocketKind, bind_all};
-// Each generation's own socket in the group (steer/): the steered handover is being built on it.
-#[allow(unused_imports)]
-pub use bind::new_member;
+pub use bind::{new_member, reuses_port};
 pub use local::{Local, Proto};
 pub use spec::{Addr, ListenSpec};

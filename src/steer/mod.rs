@@ -12,13 +12,17 @@
 //! connections from grace's own readiness probe, recognised by their source port, which go to the
 //! generation being probed.
 
+mod diag;
 pub mod group;
+mod steering;
 #[cfg(test)]
 mod tests;
 
 use nix::libc::{self, sock_filter};
 
+pub use diag::{connections, socket_inodes};
 pub use group::{Group, Member};
+pub use steering::{GroupRecord, Steering};
 
 /// Builds the program: connections whose source port is `probe.0` go to member `probe.1`, all
 /// others to member `target`.

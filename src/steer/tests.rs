@@ -220,10 +220,9 @@ fn graces_own_listeners_and_their_new_members_form_one_group() {
             addr.port(),
         );
         let proto = if tcp { Proto::Tcp } else { Proto::Udp };
-        let backlog = Backlog::new(16).unwrap();
         let mut sockets = vec![first.fd];
         for _ in 0..2 {
-            sockets.push(new_member(&sockets[0], proto, backlog).unwrap());
+            sockets.push(new_member(&sockets[0], proto).unwrap());
         }
         for s in &sockets {
             nix::fcntl::fcntl(
@@ -231,6 +230,10 @@ fn graces_own_listeners_and_their_new_members_form_one_group() {
                 nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
             )
             .unwrap();
+        }
+        if tcp {
+            // A member takes the first socket's backlog.
+            assert_eq!(sys::listen_queue(sockets[2].as_fd()).unwrap().1, 16);
         }
         for target in 0..3 {
             attach(&sockets, target, None);

@@ -41,6 +41,12 @@ pub enum AliveRule {
 pub struct Policy {
     pub ready_timeout: Millis,
     pub drain_timeout: Millis,
+    /// How long an old generation may keep connections open after traffic moved away from it.
+    pub idle_wait: Millis,
+    /// Whether some listener is steered: an old generation gets no new connections after the
+    /// switch, so its queue and connections are waited for before it is stopped. Otherwise (every
+    /// socket shared) it is stopped as soon as the new one is ready.
+    pub steered: bool,
     pub alive: AliveRule,
     /// Whether `READY=1` makes a generation ready (`auto`, `notify`). With a probe mode the probe
     /// decides: a server may announce READY=1 before it can answer what the probe asks.
@@ -71,7 +77,38 @@ pub enum GenState {
     Ready,
     /// Asked to stop; its process group is killed at `kill_at` unless `killed` already.
     Draining { kill_at: Millis, killed: bool },
+    /// Traffic moved to a newer generation at `since`; this one finishes what it has (`wait`)
+    /// until `deadline`, then gets the stop signal. It is looked at again at `check_at`.
+    Finishing {
+        wait: Wait,
+        since: Millis,
+        deadline: Millis,
+        check_at: Millis,
+    },
 }
+
+/// What a finishing generation is waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The connections queued for it (and the handshakes in progress at the switch) to be
+    /// accepted; bounded by `--drain-timeout`.
+    Queue,
+    /// The connections it accepted to be closed; bounded by `--idle-wait`.
+    Idle,
+}
+
+impl Wait {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wait::Queue => "finishing-queue",
+            Wait::Idle => "finishing-idle",
+        }
+    }
+}
+
+/// Checks of a finishing generation start this often and slow down to [`CHECK_MAX`].
+const CHECK_MIN: Millis = 5;
+const CHECK_MAX: Millis = 250;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Generation {
@@ -161,6 +198,12 @@ pub enum Event {
     GroupGone {
         generation: GenId,
     },
+    /// What a finishing generation still has ([`Action::Measure`]).
+    Measured {
+        generation: GenId,
+        wait: Wait,
+        count: usize,
+    },
     Tick,
 }
 
@@ -190,8 +233,21 @@ pub enum Level {
 pub enum Action {
     Log(Level, String),
     ReExec,
+    /// `take_over`: nothing serves, so the generation gets the sockets new connections go to now
+    /// (with what queued there) rather than sockets of its own.
     Spawn {
         generation: GenId,
+        take_over: bool,
+    },
+    /// New connections go to this generation's sockets from now on.
+    Steer {
+        generation: GenId,
+    },
+    /// How much a finishing generation still has of `wait` (answered by [`Event::Measured`]).
+    Measure {
+        generation: GenId,
+        pid: i32,
+        wait: Wait,
     },
     /// Start checking a starting generation's readiness (`http`, `tcp`, `exec`).
     Probe {
@@ -326,6 +382,7 @@ impl Supervisor {
                 ]
             }
             GenState::Draining { kill_at, killed } => vec![(!killed).then_some(kill_at)],
+            GenState::Finishing { check_at, .. } => vec![Some(check_at)],
             GenState::Ready => vec![],
         });
         let phase = match self.s.phase {
@@ -405,6 +462,11 @@ impl Supervisor {
                     self.s.gens.retain(|g| g.id != generation);
                 }
             }
+            Event::Measured {
+                generation,
+                wait,
+                count,
+            } => self.measured(generation, wait, count, now, &mut out),
             Event::Tick => self.tick(now, &mut out),
         }
         self.maybe_exit(&mut out);
@@ -500,7 +562,10 @@ impl Supervisor {
         let generation = self.s.next_gen;
         self.s.next_gen += 1;
         self.s.phase = Phase::Starting { generation, cause };
-        out.push(Action::Spawn { generation });
+        out.push(Action::Spawn {
+            generation,
+            take_over: self.s.current.is_none(),
+        });
     }
 
     fn request_restart(&mut self, out: &mut Out) {
@@ -573,8 +638,27 @@ impl Supervisor {
             out.push(Action::EndProbe { generation: id });
         }
         out.info(format!("generation {id} is ready"));
-        if let Some(old) = self.s.current.replace(id) {
+        out.push(Action::Steer { generation: id });
+        // A new handover: a generation still finishing the previous one is stopped at once.
+        let finishing: Vec<GenId> = self
+            .s
+            .gens
+            .iter()
+            .filter(|g| matches!(g.state, GenState::Finishing { .. }))
+            .map(|g| g.id)
+            .collect();
+        for old in finishing {
+            out.info(format!(
+                "generation {old}: a newer handover; stopping it now"
+            ));
             self.drain(old, now, out);
+        }
+        if let Some(old) = self.s.current.replace(id) {
+            if self.policy.steered {
+                self.finishing(old, now, out);
+            } else {
+                self.drain(old, now, out);
+            }
         }
         if matches!(self.s.phase, Phase::Starting { generation, .. } if generation == id) {
             self.s.phase = Phase::Idle;
@@ -588,6 +672,85 @@ impl Supervisor {
             },
             out,
         );
+    }
+
+    /// Traffic moved away from `id`: wait for its queue first.
+    fn finishing(&mut self, id: GenId, now: Millis, out: &mut Out) {
+        let deadline = now + self.policy.drain_timeout;
+        if let Some(g) = self.gen_mut(id) {
+            if g.leader_status.is_some() {
+                return self.drain(id, now, out);
+            }
+            g.state = GenState::Finishing {
+                wait: Wait::Queue,
+                since: now,
+                deadline,
+                check_at: now,
+            };
+        }
+    }
+
+    fn measured(&mut self, id: GenId, wait: Wait, count: usize, now: Millis, out: &mut Out) {
+        let (idle_wait, drain_timeout) = (self.policy.idle_wait, self.policy.drain_timeout);
+        let Some(g) = self.gen_mut(id) else { return };
+        let GenState::Finishing {
+            wait: waiting,
+            since,
+            deadline,
+            ..
+        } = g.state
+        else {
+            return;
+        };
+        if waiting != wait {
+            return;
+        }
+        let took = format_duration(Duration::from_millis(now.saturating_sub(since)));
+        let done = match (wait, count) {
+            (Wait::Queue, 0) => {
+                out.info(format!("generation {id}: queue empty after {took}"));
+                true
+            }
+            (Wait::Idle, 0) => {
+                out.info(format!("generation {id} idle after {took}"));
+                true
+            }
+            (Wait::Queue, n) if now >= deadline => {
+                out.warn(format!(
+                    "generation {id} still has {n} queued connections after {}: stopping it anyway",
+                    format_duration(Duration::from_millis(drain_timeout))
+                ));
+                true
+            }
+            (Wait::Idle, n) if now >= deadline => {
+                out.info(format!(
+                    "generation {id} still has {n} connections after {}: stopping it anyway",
+                    format_duration(Duration::from_millis(idle_wait))
+                ));
+                true
+            }
+            _ => false,
+        };
+        if !done {
+            let interval = (now.saturating_sub(since) / 4).clamp(CHECK_MIN, CHECK_MAX);
+            g.state = GenState::Finishing {
+                wait,
+                since,
+                deadline,
+                check_at: (now + interval).min(deadline),
+            };
+            return;
+        }
+        if wait == Wait::Queue && idle_wait > 0 {
+            g.state = GenState::Finishing {
+                wait: Wait::Idle,
+                since: now,
+                deadline: now + idle_wait,
+                check_at: now,
+            };
+            return;
+        }
+        self.drain(id, now, out);
     }
 
     fn drain(&mut self, id: GenId, now: Millis, out: &mut Out) {
@@ -753,6 +916,18 @@ impl Supervisor {
                     "generation {id} (pid {pid}) exited with status {code}"
                 ));
             }
+            GenState::Finishing { .. } => {
+                out.warn(format!(
+                    "generation {id} (pid {pid}) exited with status {code} while finishing"
+                ));
+                let kill_at = now + self.policy.drain_timeout;
+                if let Some(g) = self.gen_mut(id) {
+                    g.state = GenState::Draining {
+                        kill_at,
+                        killed: false,
+                    };
+                }
+            }
         }
         if group_empty {
             self.s.gens.retain(|g| g.id != id);
@@ -813,10 +988,12 @@ impl Supervisor {
                 _ if g.leader_status.is_some() => {}
                 _ => out.0.push(Action::Signal { pid: g.pid, signal }),
             }
-            if let GenState::Starting { .. } = g.state {
-                if self.policy.probe {
-                    out.0.push(Action::EndProbe { generation: g.id });
-                }
+            if let GenState::Starting { .. } = g.state
+                && self.policy.probe
+            {
+                out.0.push(Action::EndProbe { generation: g.id });
+            }
+            if let GenState::Starting { .. } | GenState::Finishing { .. } = g.state {
                 g.state = GenState::Draining {
                     kill_at: now + self.policy.drain_timeout,
                     killed: false,
@@ -846,6 +1023,25 @@ impl Supervisor {
                 GenState::Starting {
                     alive_at: Some(t), ..
                 } if now >= t && !waits_for_notify => alive.push(g.id),
+                GenState::Finishing {
+                    wait,
+                    since,
+                    deadline,
+                    check_at,
+                } if now >= check_at => {
+                    out.push(Action::Measure {
+                        generation: g.id,
+                        pid: g.pid,
+                        wait,
+                    });
+                    // Until the answer comes (in this same wake-up), no second question.
+                    g.state = GenState::Finishing {
+                        wait,
+                        since,
+                        deadline,
+                        check_at: deadline.max(now + CHECK_MIN),
+                    };
+                }
                 GenState::Draining {
                     kill_at,
                     killed: false,

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Cause, GenId, GenState, Generation, Millis, Outcome, Phase, Waiter};
+use super::{Cause, GenId, GenState, Generation, Millis, Outcome, Phase, Wait, Waiter};
 use crate::fields::{Fields, esc, flag, opt, opt_text};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +90,13 @@ impl State {
                 GenState::Draining { kill_at, killed } => {
                     format!("draining {kill_at} {}", flag(*killed))
                 }
+                // The next check is made at once in the new image.
+                GenState::Finishing {
+                    wait,
+                    since,
+                    deadline,
+                    check_at: _,
+                } => format!("{} {deadline} {since}", wait.as_str()),
             };
             let _ = writeln!(
                 s,
@@ -169,6 +176,16 @@ impl State {
                         "draining" => GenState::Draining {
                             kill_at: f.num(6)?,
                             killed: f.flag(7)?,
+                        },
+                        word @ ("finishing-queue" | "finishing-idle") => GenState::Finishing {
+                            wait: if word == "finishing-queue" {
+                                Wait::Queue
+                            } else {
+                                Wait::Idle
+                            },
+                            deadline: f.num(6)?,
+                            since: f.num(7)?,
+                            check_at: 0,
                         },
                         _ => return Err(f.bad()),
                     },

@@ -11,13 +11,21 @@ fn policy() -> Policy {
         notify_ready: true,
         probe: false,
         on_crash: OnCrash::Exit,
+        idle_wait: 1_000,
+        steered: false,
     }
 }
 
 /// A supervisor with generation 1 (pid 100) serving.
 fn serving(policy: Policy) -> Supervisor {
     let mut s = Supervisor::new(policy);
-    assert_eq!(s.act(0, Event::Start), [Action::Spawn { generation: 1 }]);
+    assert_eq!(
+        s.act(0, Event::Start),
+        [Action::Spawn {
+            generation: 1,
+            take_over: true
+        }]
+    );
     let probing = s.policy.probe;
     let out = s.act(
         0,
@@ -48,7 +56,7 @@ fn state(s: &Supervisor, id: GenId) -> GenState {
 fn restart_to_spawn(s: &mut Supervisor, now: Millis, pid: i32) -> GenId {
     assert_eq!(s.act(now, Event::RestartSignal), [Action::ReExec]);
     let out = s.act(now, Event::Adopted);
-    let [Action::Spawn { generation }] = out[..] else {
+    let [Action::Spawn { generation, .. }] = out[..] else {
         panic!("{out:?}")
     };
     assert!(s.act(now, Event::Spawned { generation, pid }).is_empty());
@@ -338,7 +346,7 @@ fn crash_with_restart_policy_backs_off_then_gives_up() {
         );
         now = respawn_at;
         let out = s.act(now, Event::Tick);
-        let [Action::Spawn { generation }] = out[..] else {
+        let [Action::Spawn { generation, .. }] = out[..] else {
             panic!("{out:?}")
         };
         pid += 1;
@@ -515,7 +523,8 @@ impl Supervisor {
     /// `step` without the log lines.
     fn act(&mut self, now: Millis, event: Event) -> Vec<Action> {
         let mut out = self.step(now, event);
-        out.retain(|a| !matches!(a, Action::Log(..)));
+        // Steering is asserted where it matters, through `step`.
+        out.retain(|a| !matches!(a, Action::Log(..) | Action::Steer { .. }));
         out
     }
 }
@@ -538,10 +547,10 @@ fn a_restart_client_gets_the_outcome_of_the_restart_that_includes_it() {
     assert_eq!(control(&mut s, 100, 7, Request::Restart), [Action::ReExec]);
     // Asked while it runs: merged into the next one, and answered by that one.
     assert!(control(&mut s, 100, 8, Request::Restart).is_empty());
-    assert!(
-        s.act(100, Event::Adopted)
-            .contains(&Action::Spawn { generation: 2 })
-    );
+    assert!(s.act(100, Event::Adopted).contains(&Action::Spawn {
+        generation: 2,
+        take_over: false
+    }));
     s.act(
         100,
         Event::Spawned {

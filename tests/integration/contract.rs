@@ -193,8 +193,10 @@ fn the_server_gets_exactly_its_sockets_env_and_a_clean_signal_state() {
     assert_eq!(first.env["NOTIFY_SOCKET"], second.env["NOTIFY_SOCKET"]);
 }
 
+/// `--ready tcp` on a TCP listener: the probe goes through the real address to the generation's
+/// own socket, so the server gets exactly its N sockets and no probe address.
 #[test]
-fn no_listen_pid_and_probe_socket() {
+fn no_listen_pid_and_a_probe_through_the_real_address() {
     let dir = temp_dir("contract-probe");
     let report = dir.join("report");
     let contract = example("contract");
@@ -211,6 +213,30 @@ fn no_listen_pid_and_probe_socket() {
     ]);
     let r = report_of(&report, "1");
     assert!(!r.env.contains_key("LISTEN_PID"));
+    assert_eq!(r.env["LISTEN_FDS"], "1", "no extra probe socket");
+    assert_eq!(r.env["LISTEN_FDNAMES"], "unknown");
+    assert!(!r.env.contains_key("GRACE_PROBE_ADDR"));
+}
+
+/// Where nothing is steered (a unix socket only), a TCP probe needs a private socket of the
+/// generation's own: it comes last, with its address in `GRACE_PROBE_ADDR`.
+#[test]
+fn a_probe_with_only_shared_sockets_gets_a_private_socket() {
+    let dir = temp_dir("contract-probe-unix");
+    let report = dir.join("report");
+    let sock = dir.join("s.sock");
+    let contract = example("contract");
+    let _grace = Grace::start(&[
+        "run",
+        "--listen",
+        &format!("unix:{}", sock.display()),
+        "--ready",
+        "tcp",
+        "--",
+        contract.to_str().unwrap(),
+        report.to_str().unwrap(),
+    ]);
+    let r = report_of(&report, "1");
     assert_eq!(r.env["LISTEN_FDS"], "2", "the probe socket comes last");
     assert_eq!(r.env["LISTEN_FDNAMES"], "unknown:grace-probe");
     assert_eq!(r.fdaddr[&4], r.env["GRACE_PROBE_ADDR"]);

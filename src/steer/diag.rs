@@ -1,0 +1,260 @@
+//! What the kernel says about the sockets on grace's ports, asked over `NETLINK_SOCK_DIAG`
+//! (`inet_diag`, what `ss` uses): which sockets listen on an address (to find strangers in a
+//! group), which handshakes are in progress, which connections a set of socket inodes holds.
+//!
+//! The kernel filters by state and by local port (a two-instruction `inet_diag` bytecode), so a
+//! busy machine's thousands of `TIME_WAIT` sockets are never read, let alone parsed: a check
+//! costs what the port's own sockets cost.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::sys::socket::{
+    AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto, socket,
+};
+
+use crate::listen::Proto;
+
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_SYN_RECV: u8 = 3;
+const TCP_TIME_WAIT: u8 = 6;
+/// An unconnected UDP socket is in `TCP_CLOSE`.
+const TCP_CLOSE: u8 = 7;
+const TCP_LISTEN: u8 = 10;
+const TCP_CLOSING: u8 = 11;
+
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
+const INET_DIAG_REQ_BYTECODE: u16 = 1;
+const INET_DIAG_BC_S_GE: u8 = 2;
+const INET_DIAG_BC_S_LE: u8 = 3;
+/// `struct inet_diag_msg`: family, state, timer, retrans, the socket id (48 bytes), expires,
+/// rqueue, wqueue, uid, inode.
+const MSG_LEN: usize = 72;
+
+/// One socket as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    pub state: u8,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub inode: u64,
+}
+
+/// The sockets of `proto` over IPv4 (`v6` false) or IPv6 in one of `states` (a bit per state)
+/// whose local port is `port`.
+pub fn sockets(proto: Proto, v6: bool, states: u32, port: u16) -> Result<Vec<Row>, Errno> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )?;
+    sendto(
+        fd.as_raw_fd(),
+        &request(proto, v6, states, port),
+        &NetlinkAddr::new(0, 0),
+        MsgFlags::empty(),
+    )?;
+    read_rows(&fd)
+}
+
+fn request(proto: Proto, v6: bool, states: u32, port: u16) -> Vec<u8> {
+    // The bytecode: local port >= port, then <= port; a failed test jumps past the end (reject).
+    let mut bytecode = Vec::new();
+    for (code, no) in [(INET_DIAG_BC_S_GE, 20u16), (INET_DIAG_BC_S_LE, 12)] {
+        bytecode.extend([code, 8]);
+        bytecode.extend(no.to_ne_bytes());
+        bytecode.extend([0, 0]);
+        bytecode.extend(port.to_ne_bytes());
+    }
+    let mut req = Vec::with_capacity(96);
+    // struct inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed socket id.
+    req.push(if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8);
+    req.push(match proto {
+        Proto::Tcp => libc::IPPROTO_TCP,
+        Proto::Udp => libc::IPPROTO_UDP,
+    } as u8);
+    req.extend([0, 0]);
+    req.extend(states.to_ne_bytes());
+    req.extend([0u8; 48]);
+    // The bytecode attribute.
+    req.extend(((4 + bytecode.len()) as u16).to_ne_bytes());
+    req.extend(INET_DIAG_REQ_BYTECODE.to_ne_bytes());
+    req.extend(bytecode);
+    let mut msg = Vec::with_capacity(16 + req.len());
+    msg.extend(((16 + req.len()) as u32).to_ne_bytes());
+    msg.extend(SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    msg.extend(((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    msg.extend(1u32.to_ne_bytes());
+    msg.extend(0u32.to_ne_bytes());
+    msg.extend(req);
+    msg
+}
+
+fn read_rows(fd: &OwnedFd) -> Result<Vec<Row>, Errno> {
+    let mut rows = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        if n == 0 {
+            return Ok(rows);
+        }
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap());
+            if len < 16 || at + len > n {
+                return Err(Errno::EBADMSG);
+            }
+            let body = &buf[at + 16..at + len];
+            match kind {
+                k if k == libc::NLMSG_DONE as u16 => return Ok(rows),
+                k if k == libc::NLMSG_ERROR as u16 => {
+                    let code = body
+                        .get(..4)
+                        .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap()));
+                    return Err(Errno::from_raw(-code));
+                }
+                SOCK_DIAG_BY_FAMILY => rows.extend(parse_msg(body)),
+                _ => {}
+            }
+            // Messages are aligned to 4 bytes.
+            at += (len + 3) & !3;
+        }
+    }
+}
+
+fn parse_msg(b: &[u8]) -> Option<Row> {
+    if b.len() < MSG_LEN {
+        return None;
+    }
+    let family = i32::from(b[0]);
+    let addr = |at: usize, port_at: usize| -> SocketAddr {
+        let port = u16::from_be_bytes([b[port_at], b[port_at + 1]]);
+        let ip = if family == libc::AF_INET6 {
+            let bytes: [u8; 16] = b[at..at + 16].try_into().unwrap();
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        } else {
+            let bytes: [u8; 4] = b[at..at + 4].try_into().unwrap();
+            IpAddr::V4(Ipv4Addr::from(bytes))
+        };
+        SocketAddr::new(ip, port)
+    };
+    // The socket id from byte 4: sport, dport, src (16 bytes), dst (16 bytes), interface, cookie.
+    Some(Row {
+        state: b[1],
+        local: addr(8, 4),
+        remote: addr(24, 6),
+        inode: u64::from(u32::from_ne_bytes(b[68..72].try_into().unwrap())),
+    })
+}
+
+fn bit(state: u8) -> u32 {
+    1 << state
+}
+
+/// The inodes of the sockets that listen (TCP) or are bound unconnected (UDP) on exactly `addr`:
+/// its reuseport group's members and would-be members. `None` if the kernel cannot say.
+pub fn bound_on(proto: Proto, addr: SocketAddr) -> Option<Vec<u64>> {
+    let state = match proto {
+        Proto::Tcp => TCP_LISTEN,
+        Proto::Udp => TCP_CLOSE,
+    };
+    let rows = sockets(proto, addr.is_ipv6(), bit(state), addr.port()).ok()?;
+    Some(
+        rows.into_iter()
+            .filter(|r| r.local == addr && r.inode != 0)
+            .map(|r| r.inode)
+            .collect(),
+    )
+}
+
+/// The handshakes in progress to `port` (their clients' addresses), over IPv4 and IPv6.
+pub fn handshakes(port: u16) -> HashSet<SocketAddr> {
+    [false, true]
+        .into_iter()
+        .flat_map(|v6| sockets(Proto::Tcp, v6, bit(TCP_SYN_RECV), port).unwrap_or_default())
+        .map(|r| r.remote)
+        .collect()
+}
+
+/// How many of the sockets `inodes` are TCP connections to one of `ports` (from established to
+/// closing; not the listeners, handshakes or `TIME_WAIT`s).
+pub fn connections(ports: &[u16], inodes: &HashSet<u64>) -> usize {
+    let states = (TCP_ESTABLISHED..=TCP_CLOSING)
+        .filter(|&s| ![TCP_SYN_RECV, TCP_TIME_WAIT, TCP_CLOSE, TCP_LISTEN].contains(&s))
+        .fold(0, |m, s| m | bit(s));
+    ports
+        .iter()
+        .flat_map(|&port| {
+            [false, true]
+                .into_iter()
+                .flat_map(move |v6| sockets(Proto::Tcp, v6, states, port).unwrap_or_default())
+        })
+        .filter(|r| inodes.contains(&r.inode))
+        .count()
+}
+
+/// The socket inodes the processes `pids` hold.
+pub fn socket_inodes(pids: &[i32]) -> HashSet<u64> {
+    let mut out = HashSet::new();
+    for pid in pids {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for entry in dir.flatten() {
+            if let Ok(target) = std::fs::read_link(entry.path())
+                && let Some(inode) = target
+                    .to_str()
+                    .and_then(|t| t.strip_prefix("socket:["))
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|t| t.parse().ok())
+            {
+                out.insert(inode);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream, UdpSocket};
+    use std::os::fd::AsFd;
+
+    fn inode(fd: &impl AsFd) -> u64 {
+        crate::steer::inode(fd.as_fd()).unwrap()
+    }
+
+    #[test]
+    fn finds_listeners_connections_and_datagram_sockets_on_real_sockets() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Another port's listener is filtered out by the kernel.
+        let _other = TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(bound_on(Proto::Tcp, addr), Some(vec![inode(&listener)]));
+        let v6 = TcpListener::bind("[::1]:0").unwrap();
+        let v6_addr = v6.local_addr().unwrap();
+        assert_eq!(bound_on(Proto::Tcp, v6_addr), Some(vec![inode(&v6)]));
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_addr = udp.local_addr().unwrap();
+        assert_eq!(bound_on(Proto::Udp, udp_addr), Some(vec![inode(&udp)]));
+
+        let client = TcpStream::connect(addr).unwrap();
+        let (accepted, from) = listener.accept().unwrap();
+        assert_eq!(from, client.local_addr().unwrap());
+        let mine = socket_inodes(&[std::process::id() as i32]);
+        assert!(mine.contains(&inode(&accepted)));
+        assert_eq!(connections(&[addr.port()], &mine), 1);
+        // Someone else's inodes: not counted.
+        assert_eq!(connections(&[addr.port()], &HashSet::from([1, 2])), 0);
+        drop(accepted);
+        let mine = socket_inodes(&[std::process::id() as i32]);
+        assert_eq!(connections(&[addr.port()], &mine), 0);
+        assert!(handshakes(addr.port()).is_empty());
+    }
+}

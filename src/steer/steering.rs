@@ -1,0 +1,552 @@
+//! The steered sockets of a running grace: for each TCP or UDP listener, a socket per generation
+//! in one reuseport group, the model of the group's order, and the program that sends new
+//! connections to the generation that should get them.
+//!
+//! The listener's descriptor (`Listener::fd`) is always the socket new connections go to, the
+//! *target*: the one grace bound (or inherited) at first, then each generation's own as traffic
+//! moves to it; so the group, and the port, live as long as grace does. The first generation gets
+//! the listener's socket; every later one gets a new member, unless nothing serves (a crash): then
+//! it takes over the target, with the clients that queued there. A generation's own socket gets
+//! client connections only once the supervisor steers to it (at ready); before that only grace's
+//! probe reaches it, recognised by its source port.
+//!
+//! Closing a member makes the kernel move the last member into its slot. If the last member is
+//! the target, its index changes under the running program, and until the program is replaced the
+//! kernel would hash new connections over every member. So a member whose generation is gone is
+//! closed only when that cannot misdirect anything: it is the last member, or the target is not,
+//! or the target is all that is left (an index out of range falls back to the hash, over that one
+//! socket). Otherwise it waits for a later change of the group.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use crate::handoff::Role;
+use crate::listen::{Listener, Proto, new_member, reuses_port};
+use crate::supervisor::GenId;
+use crate::sys;
+
+use super::{Group, Member, diag, inode, program};
+
+/// One of grace's sockets in a group.
+#[derive(Debug)]
+struct Socket {
+    /// `None` for the target: it is the listener's own descriptor.
+    fd: Option<OwnedFd>,
+    inode: u64,
+    /// The generation it was given to (after that one is gone, until it is taken over or closed).
+    owner: Option<GenId>,
+}
+
+#[derive(Debug)]
+struct Steered {
+    /// Index into the listeners.
+    listener: usize,
+    proto: Proto,
+    addr: SocketAddr,
+    /// Ours.
+    sockets: Vec<Socket>,
+    group: Group,
+    /// The member new connections go to.
+    target: u64,
+    /// grace's probe connections, by source port, go to this member.
+    probe: Option<(u16, u64)>,
+    /// Strangers already reported.
+    reported: Vec<u64>,
+}
+
+/// A group as the handoff record carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    pub listener: usize,
+    /// The target: the listener's own descriptor in the record.
+    pub target: u64,
+    pub target_owner: Option<GenId>,
+    pub members: Vec<Member>,
+}
+
+/// Handshakes in progress to an old generation's socket when traffic moved away from it.
+#[derive(Debug)]
+struct Pending {
+    generation: GenId,
+    port: u16,
+    clients: HashSet<SocketAddr>,
+}
+
+#[derive(Debug, Default)]
+pub struct Steering {
+    groups: Vec<Steered>,
+    pending: Vec<Pending>,
+}
+
+impl Steering {
+    /// Decides, for each listener, whether it is steered; returns the lines to log about those
+    /// that cannot be (shared by every generation, as before).
+    pub fn new(listeners: &[Listener]) -> (Self, Vec<String>) {
+        let mut steering = Steering::default();
+        let mut logs = Vec::new();
+        for (i, l) in listeners.iter().enumerate() {
+            match steerable(l) {
+                Ok((proto, addr)) => {
+                    let anchor = match inode(l.fd.as_fd()) {
+                        Ok(inode) => inode,
+                        Err(e) => {
+                            logs.push(format!("{}: {e}: one socket for every generation", l.local));
+                            continue;
+                        }
+                    };
+                    let others: Vec<u64> = diag::bound_on(proto, addr)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|&x| x != anchor)
+                        .collect();
+                    if !others.is_empty() {
+                        logs.push(format!(
+                            "{}: other sockets share its SO_REUSEPORT group (inodes {others:?}): one socket for every generation, not steered",
+                            l.local
+                        ));
+                        continue;
+                    }
+                    let g = Steered {
+                        listener: i,
+                        proto,
+                        addr,
+                        sockets: vec![Socket {
+                            fd: None,
+                            inode: anchor,
+                            owner: None,
+                        }],
+                        group: Group::from_members(vec![Member::Ours(anchor)]),
+                        target: anchor,
+                        probe: None,
+                        reported: Vec::new(),
+                    };
+                    match g.attach(listeners) {
+                        Ok(()) => steering.groups.push(g),
+                        Err(e) => logs.push(format!(
+                            "{}: the kernel refused the steering program ({}): one socket for every generation",
+                            l.local,
+                            e.desc()
+                        )),
+                    }
+                }
+                Err(why) => logs.push(format!(
+                    "{}: {why}: one socket for every generation",
+                    l.local
+                )),
+            }
+        }
+        (steering, logs)
+    }
+
+    /// Whether any listener is steered (else a handover is the shared socket's: stop at ready).
+    pub fn any(&self) -> bool {
+        !self.groups.is_empty()
+    }
+
+    /// The sockets of a generation about to start, in listener order: a new member of each group,
+    /// or with `take_over` (nothing serves) the member new connections go to now. Shared
+    /// listeners give their one socket. On failure nothing is left joined.
+    pub fn sockets_for(
+        &mut self,
+        listeners: &[Listener],
+        generation: GenId,
+        take_over: bool,
+    ) -> Result<Vec<RawFd>, String> {
+        let mut joined = Vec::new();
+        for g in &mut self.groups {
+            if take_over {
+                let target = g.target;
+                if let Some(s) = g.sockets.iter_mut().find(|s| s.inode == target) {
+                    s.owner = Some(generation);
+                }
+                continue;
+            }
+            g.reconcile();
+            let anchor = &listeners[g.listener].fd;
+            let fd = match new_member(anchor, g.proto) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    self.abandon(listeners, &joined);
+                    return Err(format!("{e:#}"));
+                }
+            };
+            let Ok(ino) = inode(fd.as_fd()) else {
+                return Err(format!("{}: cannot identify a new socket", g.addr));
+            };
+            g.group.join(Member::Ours(ino));
+            g.sockets.push(Socket {
+                fd: Some(fd),
+                inode: ino,
+                owner: Some(generation),
+            });
+            joined.push(ino);
+        }
+        Ok(listeners
+            .iter()
+            .enumerate()
+            .map(
+                |(i, l)| match self.groups.iter().find(|g| g.listener == i) {
+                    Some(g) => g
+                        .sockets
+                        .iter()
+                        .rev()
+                        .find(|s| s.owner == Some(generation))
+                        .map_or(l.fd.as_raw_fd(), |s| s.raw_fd(l)),
+                    None => l.fd.as_raw_fd(),
+                },
+            )
+            .collect())
+    }
+
+    /// Closes the members just joined (newest first: each is the last one then, so nothing moves).
+    fn abandon(&mut self, listeners: &[Listener], joined: &[u64]) {
+        for g in &mut self.groups {
+            for &ino in joined.iter().rev() {
+                if let Some(i) = g.sockets.iter().position(|s| s.inode == ino) {
+                    g.sockets.remove(i);
+                    g.group.leave(ino);
+                }
+            }
+            let _ = g.attach(listeners);
+        }
+    }
+
+    /// New connections go to `generation`'s sockets from now on; they become the listeners'
+    /// descriptors. Returns the lines to log (the handshakes in progress to the previous target
+    /// are waited for by [`Steering::queued`]).
+    pub fn steer(&mut self, listeners: &mut [Listener], generation: GenId) -> Vec<String> {
+        let mut logs = Vec::new();
+        for g in &mut self.groups {
+            logs.extend(g.reconcile());
+            let Some(new) = g
+                .sockets
+                .iter()
+                .position(|s| s.owner == Some(generation) && s.fd.is_some())
+            else {
+                continue;
+            };
+            let Some(old) = g.sockets.iter().position(|s| s.fd.is_none()) else {
+                continue;
+            };
+            let fd = g.sockets[new].fd.take().expect("a member of its own");
+            g.sockets[old].fd = Some(std::mem::replace(&mut listeners[g.listener].fd, fd));
+            let old_owner = g.sockets[old].owner;
+            let new = g.sockets[new].inode;
+            g.target = new;
+            if g.probe.is_some_and(|(_, to)| to == new) {
+                g.probe = None;
+            }
+            if let Err(e) = g.attach(listeners) {
+                logs.push(format!(
+                    "{}: replacing the steering program: {}",
+                    g.addr,
+                    e.desc()
+                ));
+            }
+            if let (Some(generation), Proto::Tcp) = (old_owner, g.proto) {
+                self.pending.push(Pending {
+                    generation,
+                    port: g.addr.port(),
+                    clients: diag::handshakes(g.addr.port()),
+                });
+            }
+        }
+        logs
+    }
+
+    /// Where `generation`'s readiness probe connects (the first steered TCP listener, over
+    /// loopback) and the socket whose queue shows whether the server accepted it.
+    pub fn probe_target<'a>(
+        &'a self,
+        listeners: &'a [Listener],
+        generation: GenId,
+    ) -> Option<(SocketAddr, BorrowedFd<'a>)> {
+        let g = self.groups.iter().find(|g| g.proto == Proto::Tcp)?;
+        let s = g.sockets.iter().find(|s| s.owner == Some(generation))?;
+        let mut to = g.addr;
+        if to.ip().is_unspecified() {
+            to.set_ip(if to.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        Some((to, s.borrow(&listeners[g.listener])))
+    }
+
+    /// Connections from source port `port` go to `generation`'s socket (its probe's next attempt).
+    pub fn probe_from(&mut self, listeners: &[Listener], generation: GenId, port: u16) {
+        if let Some(g) = self.groups.iter_mut().find(|g| g.proto == Proto::Tcp)
+            && let Some(s) = g.sockets.iter().find(|s| s.owner == Some(generation))
+        {
+            g.probe = Some((port, s.inode));
+            let _ = g.attach(listeners);
+        }
+    }
+
+    pub fn end_probe(&mut self, listeners: &[Listener], generation: GenId) {
+        for g in &mut self.groups {
+            let probed = g.probe.is_some_and(|(_, to)| {
+                g.sockets
+                    .iter()
+                    .any(|s| s.inode == to && s.owner == Some(generation))
+            });
+            if probed {
+                g.probe = None;
+                let _ = g.attach(listeners);
+            }
+        }
+    }
+
+    /// What still waits for `generation` in its sockets: connections in their accept queues,
+    /// datagrams in their receive queues, and handshakes that were in progress when traffic moved
+    /// away from it (they complete into its queue).
+    pub fn queued(&mut self, listeners: &[Listener], generation: GenId) -> usize {
+        let mut n = 0usize;
+        for g in &self.groups {
+            for s in g.sockets.iter().filter(|s| s.owner == Some(generation)) {
+                if s.inode == g.target {
+                    continue;
+                }
+                let fd = s.borrow(&listeners[g.listener]);
+                n += match g.proto {
+                    Proto::Tcp => sys::accept_queue_len(fd).unwrap_or(0) as usize,
+                    Proto::Udp => sys::datagram_queued(fd).unwrap_or(0).min(1) as usize,
+                };
+            }
+        }
+        for p in self
+            .pending
+            .iter_mut()
+            .filter(|p| p.generation == generation)
+        {
+            if !p.clients.is_empty() {
+                let now = diag::handshakes(p.port);
+                p.clients.retain(|c| now.contains(c));
+                n += p.clients.len();
+            }
+        }
+        n
+    }
+
+    /// The TCP ports of the steered listeners (a generation's connections are to these).
+    pub fn tcp_ports(&self) -> Vec<u16> {
+        self.groups
+            .iter()
+            .filter(|g| g.proto == Proto::Tcp)
+            .map(|g| g.addr.port())
+            .collect()
+    }
+
+    /// Lets go of what belongs to generations that are gone (`live` are the others): their
+    /// sockets close when that moves no member new connections go to (see the module
+    /// documentation), the others at a later call. Returns the lines to log.
+    pub fn collect(&mut self, listeners: &[Listener], live: &[GenId]) -> Vec<String> {
+        self.pending.retain(|p| live.contains(&p.generation));
+        let mut logs = Vec::new();
+        for g in &mut self.groups {
+            for s in &mut g.sockets {
+                if s.owner.is_some_and(|o| !live.contains(&o)) {
+                    s.owner = None;
+                }
+            }
+            loop {
+                let members = g.group.members();
+                let last = members.last().map(|m| m.inode());
+                let harmless = last != Some(g.target) || members.len() == 2;
+                let probed = g.probe.map(|(_, to)| to);
+                let Some(i) = g.sockets.iter().position(|s| {
+                    s.fd.is_some()
+                        && s.owner.is_none()
+                        && s.inode != g.target
+                        && Some(s.inode) != probed
+                        && (harmless || last == Some(s.inode))
+                }) else {
+                    break;
+                };
+                logs.extend(g.reconcile());
+                let closed = g.sockets.remove(i);
+                let ino = closed.inode;
+                drop(closed);
+                logs.extend(g.reconcile());
+                if g.group.index_of(ino).is_some() {
+                    logs.push(format!(
+                        "{}: a process outside grace's generations still holds socket {ino}: it stays in the group",
+                        g.addr
+                    ));
+                    g.reported.push(ino);
+                }
+                if let Err(e) = g.attach(listeners) {
+                    logs.push(format!(
+                        "{}: replacing the steering program: {}",
+                        g.addr,
+                        e.desc()
+                    ));
+                }
+            }
+        }
+        logs
+    }
+
+    /// How many sockets each steered listener's group has (grace's and strangers'), by listener.
+    pub fn group_sizes(&self) -> Vec<(usize, usize)> {
+        self.groups
+            .iter()
+            .map(|g| (g.listener, g.group.members().len()))
+            .collect()
+    }
+
+    /// The members to carry across `execve` (the targets travel as listeners).
+    pub fn carried(&self) -> impl Iterator<Item = (BorrowedFd<'_>, Role)> + '_ {
+        self.groups.iter().flat_map(|g| {
+            g.sockets.iter().filter_map(move |s| {
+                s.fd.as_ref().map(|fd| {
+                    (
+                        fd.as_fd(),
+                        Role::Member {
+                            listener: g.listener,
+                            owner: s.owner,
+                        },
+                    )
+                })
+            })
+        })
+    }
+
+    pub fn record(&self) -> Vec<GroupRecord> {
+        self.groups
+            .iter()
+            .map(|g| GroupRecord {
+                listener: g.listener,
+                target: g.target,
+                target_owner: g
+                    .sockets
+                    .iter()
+                    .find(|s| s.fd.is_none())
+                    .and_then(|s| s.owner),
+                members: g.group.members().to_vec(),
+            })
+            .collect()
+    }
+
+    /// Continues with the groups the previous image handed over. `members`: the adopted member
+    /// sockets with their roles; a listener without a group record is shared.
+    pub fn adopt(
+        listeners: &[Listener],
+        records: &[GroupRecord],
+        mut members: Vec<(OwnedFd, usize, Option<GenId>)>,
+    ) -> Result<Self, String> {
+        let mut steering = Steering::default();
+        for r in records {
+            let l = listeners
+                .get(r.listener)
+                .ok_or_else(|| format!("group of listener {} that does not exist", r.listener))?;
+            let (proto, addr) = steerable(l).map_err(|why| format!("{}: {why}", l.local))?;
+            let target = inode(l.fd.as_fd()).map_err(|e| e.to_string())?;
+            if target != r.target {
+                return Err(format!(
+                    "{}: the listener is not the steering target",
+                    l.local
+                ));
+            }
+            let mut sockets = vec![Socket {
+                fd: None,
+                inode: target,
+                owner: r.target_owner,
+            }];
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                members.into_iter().partition(|(_, i, _)| *i == r.listener);
+            members = rest;
+            for (fd, _, owner) in mine {
+                let ino = inode(fd.as_fd()).map_err(|e| e.to_string())?;
+                sockets.push(Socket {
+                    fd: Some(fd),
+                    inode: ino,
+                    owner,
+                });
+            }
+            let group = Group::from_members(r.members.clone());
+            let mut g = Steered {
+                listener: r.listener,
+                proto,
+                addr,
+                sockets,
+                reported: group.foreign().collect(),
+                group,
+                target: r.target,
+                probe: None,
+            };
+            let _ = g.reconcile();
+            g.attach(listeners).map_err(|e| e.to_string())?;
+            steering.groups.push(g);
+        }
+        if let Some((_, i, _)) = members.first() {
+            return Err(format!(
+                "a member socket of listener {i}, which has no group"
+            ));
+        }
+        Ok(steering)
+    }
+}
+
+/// Why a listener cannot be steered, or its transport and address.
+fn steerable(l: &Listener) -> Result<(Proto, SocketAddr), &'static str> {
+    let Some((proto, addr)) = l.local.inet() else {
+        return Err("not a TCP or UDP socket (steering needs SO_REUSEPORT)");
+    };
+    if !reuses_port(&l.fd) {
+        return Err("an inherited socket without SO_REUSEPORT");
+    }
+    Ok((proto, addr))
+}
+
+impl Socket {
+    fn borrow<'a>(&'a self, listener: &'a Listener) -> BorrowedFd<'a> {
+        match &self.fd {
+            Some(fd) => fd.as_fd(),
+            None => listener.fd.as_fd(),
+        }
+    }
+
+    fn raw_fd(&self, listener: &Listener) -> RawFd {
+        self.borrow(listener).as_raw_fd()
+    }
+}
+
+impl Steered {
+    /// Replaces the group's program with one for the current target and probe.
+    fn attach(&self, listeners: &[Listener]) -> nix::Result<()> {
+        let index = |ino: u64| self.group.index_of(ino);
+        let Some(target) = index(self.target) else {
+            return Err(nix::errno::Errno::ENOENT);
+        };
+        let probe = self
+            .probe
+            .and_then(|(port, to)| index(to).map(|i| (port, i)));
+        sys::attach_reuseport_cbpf(listeners[self.listener].fd.as_fd(), &program(target, probe))
+    }
+
+    /// Brings the model in line with the kernel's list of sockets on the address; reports a
+    /// stranger once.
+    fn reconcile(&mut self) -> Vec<String> {
+        let Some(listening) = diag::bound_on(self.proto, self.addr) else {
+            // The kernel cannot say (no sock_diag): nothing to learn.
+            return Vec::new();
+        };
+        if listening.is_empty() {
+            return Vec::new();
+        }
+        let mut logs = Vec::new();
+        for stranger in self.group.reconcile(&listening) {
+            if !self.reported.contains(&stranger) {
+                self.reported.push(stranger);
+                logs.push(format!(
+                    "{} {}: a socket grace did not create (inode {stranger}) joined its SO_REUSEPORT group; steering sends it no connections, but it may get some while the group changes: find the process that binds it",
+                    self.proto, self.addr
+                ));
+            }
+        }
+        logs
+    }
+}
