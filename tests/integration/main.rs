@@ -11,6 +11,7 @@ mod operate;
 mod pid1;
 mod restart;
 mod rollback;
+mod steered;
 mod stop;
 mod trust;
 mod unblocked;
