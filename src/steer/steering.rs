@@ -77,6 +77,8 @@ struct Pending {
 pub struct Steering {
     groups: Vec<Steered>,
     pending: Vec<Pending>,
+    /// What was found while starting a generation, said at the next steer or collect.
+    logs: Vec<String>,
 }
 
 impl Steering {
@@ -162,7 +164,7 @@ impl Steering {
                 }
                 continue;
             }
-            g.reconcile();
+            self.logs.extend(g.reconcile());
             let anchor = &listeners[g.listener].fd;
             let fd = match new_member(anchor, g.proto) {
                 Ok(fd) => fd,
@@ -216,7 +218,7 @@ impl Steering {
     /// descriptors. Returns the lines to log (the handshakes in progress to the previous target
     /// are waited for by [`Steering::queued`]).
     pub fn steer(&mut self, listeners: &mut [Listener], generation: GenId) -> Vec<String> {
-        let mut logs = Vec::new();
+        let mut logs = std::mem::take(&mut self.logs);
         for g in &mut self.groups {
             logs.extend(g.reconcile());
             let Some(new) = g
@@ -344,7 +346,7 @@ impl Steering {
     /// documentation), the others at a later call. Returns the lines to log.
     pub fn collect(&mut self, listeners: &[Listener], live: &[GenId]) -> Vec<String> {
         self.pending.retain(|p| live.contains(&p.generation));
-        let mut logs = Vec::new();
+        let mut logs = std::mem::take(&mut self.logs);
         for g in &mut self.groups {
             for s in &mut g.sockets {
                 if s.owner.is_some_and(|o| !live.contains(&o)) {

@@ -241,3 +241,109 @@ fn graces_own_listeners_and_their_new_members_form_one_group() {
         }
     }
 }
+
+/// A generation's copy of a socket grace hands it, non-blocking for `lands_on`.
+fn server_copy(fd: std::os::fd::RawFd) -> OwnedFd {
+    // SAFETY: `fd` is open for the duration of the call (grace's copy, held by `Steering`).
+    let copy = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .unwrap();
+    nix::fcntl::fcntl(
+        &copy,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    copy
+}
+
+#[test]
+fn steering_sends_each_generation_nothing_before_its_switch_and_stays_small() {
+    use crate::listen::{BindOptions, ListenSpec, bind_all};
+    let specs: Vec<ListenSpec> = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut listeners = bind_all(&specs, &BindOptions::default()).unwrap();
+    let (_, to) = listeners[0].local.inet().unwrap();
+    let (mut steering, shared) = Steering::new(&listeners);
+    assert!(shared.is_empty() && steering.any(), "{shared:?}");
+    // The first generation takes the listener's own socket.
+    let first = steering.sockets_for(&listeners, 1, true).unwrap();
+    assert_eq!(first, vec![listeners[0].fd.as_raw_fd()]);
+    let mut old = server_copy(first[0]);
+    for generation in 2..=12 {
+        let new = server_copy(steering.sockets_for(&listeners, generation, false).unwrap()[0]);
+        assert_ne!(new.as_raw_fd(), old.as_raw_fd());
+        let both = [old, new];
+        // Before the switch, clients go to the old generation; the probe's port to the new one.
+        for _ in 0..3 {
+            assert_eq!(
+                lands_on(&both, to, None, true),
+                0,
+                "generation {generation}"
+            );
+        }
+        let from = free_source("127.0.0.1");
+        steering.probe_from(&listeners, generation, from.port());
+        assert_eq!(lands_on(&both, to, Some(from), true), 1);
+        steering.end_probe(&listeners, generation);
+        // The switch: everything goes to the new one, whose socket is now the listener's.
+        assert!(steering.steer(&mut listeners, generation).is_empty());
+        assert_eq!(
+            inode(listeners[0].fd.as_fd()).unwrap(),
+            inode(both[1].as_fd()).unwrap()
+        );
+        for _ in 0..3 {
+            assert_eq!(lands_on(&both, to, None, true), 1);
+        }
+        // The old generation is gone: its socket closes, and nothing moves.
+        let [gone, new] = both;
+        drop(gone);
+        assert!(steering.collect(&listeners, &[generation]).is_empty());
+        assert_eq!(
+            steering.group_sizes(),
+            vec![(0, 1)],
+            "generation {generation}"
+        );
+        assert_eq!(lands_on(std::slice::from_ref(&new), to, None, true), 0);
+        old = new;
+    }
+}
+
+#[test]
+fn a_rolled_back_generation_is_closed_and_never_reached() {
+    use crate::listen::{BindOptions, ListenSpec, bind_all};
+    let specs: Vec<ListenSpec> = vec!["udp://127.0.0.1:0".parse().unwrap()];
+    let listeners = bind_all(&specs, &BindOptions::default()).unwrap();
+    let (_, to) = listeners[0].local.inet().unwrap();
+    let (mut steering, _) = Steering::new(&listeners);
+    let current = server_copy(steering.sockets_for(&listeners, 1, true).unwrap()[0]);
+    let rolled_back = server_copy(steering.sockets_for(&listeners, 2, false).unwrap()[0]);
+    let both = [current, rolled_back];
+    for _ in 0..5 {
+        assert_eq!(lands_on(&both, to, None, false), 0);
+    }
+    let [current, rolled_back] = both;
+    drop(rolled_back);
+    assert!(steering.collect(&listeners, &[1]).is_empty());
+    assert_eq!(steering.group_sizes(), vec![(0, 1)]);
+    assert_eq!(lands_on(std::slice::from_ref(&current), to, None, false), 0);
+}
+
+#[test]
+fn a_strangers_socket_in_the_group_is_reported() {
+    use crate::listen::{BindOptions, ListenSpec, bind_all};
+    let specs: Vec<ListenSpec> = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut listeners = bind_all(&specs, &BindOptions::default()).unwrap();
+    let (_, addr) = listeners[0].local.inet().unwrap();
+    let (mut steering, _) = Steering::new(&listeners);
+    steering.sockets_for(&listeners, 1, true).unwrap();
+    // Same user, SO_REUSEPORT, same address: the kernel lets it in.
+    let (stranger, _) = member(addr, true);
+    steering.sockets_for(&listeners, 2, false).unwrap();
+    let logs = steering.steer(&mut listeners, 2);
+    let ino = inode(stranger.as_fd()).unwrap();
+    assert!(
+        logs.len() == 1 && logs[0].contains(&format!("inode {ino}")),
+        "{logs:?}"
+    );
+    // Once.
+    assert!(steering.collect(&listeners, &[1, 2]).is_empty());
+}

@@ -776,3 +776,181 @@ fn refused_restarts_during_a_crash_backoff_are_not_counted_as_crashes() {
         [Action::Spawn { .. }]
     ));
 }
+
+fn steered() -> Policy {
+    Policy {
+        steered: true,
+        ..policy()
+    }
+}
+
+/// Restart to ready with steered sockets: generation 2 (pid 200) serves, 1 (pid 100) finishes.
+fn switched(now: Millis) -> Supervisor {
+    let mut s = serving(steered());
+    let generation = restart_to_spawn(&mut s, now, 200);
+    let out = s.step(now, Event::ProbePassed { generation });
+    assert!(out.contains(&Action::Steer { generation: 2 }), "{out:?}");
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Signal { .. })),
+        "no stop signal at the switch: {out:?}"
+    );
+    s
+}
+
+fn measure(s: &mut Supervisor, now: Millis, wait: Wait, count: usize) -> Vec<Action> {
+    let out = s.act(now, Event::Tick);
+    assert_eq!(
+        out,
+        [Action::Measure {
+            generation: 1,
+            pid: 100,
+            wait
+        }]
+    );
+    s.act(
+        now,
+        Event::Measured {
+            generation: 1,
+            wait,
+            count,
+        },
+    )
+}
+
+#[test]
+fn a_steered_handover_waits_for_the_queue_then_for_idle_then_stops() {
+    let mut s = switched(100);
+    assert!(matches!(
+        state(&s, 1),
+        GenState::Finishing {
+            wait: Wait::Queue,
+            ..
+        }
+    ));
+    // Three still queued: looked at again a little later, not stopped.
+    assert!(measure(&mut s, 100, Wait::Queue, 3).is_empty());
+    let deadline = s.next_deadline().unwrap();
+    assert!(deadline > 100 && deadline <= 100 + CHECK_MAX, "{deadline}");
+    assert!(s.act(deadline - 1, Event::Tick).is_empty());
+    assert!(measure(&mut s, deadline, Wait::Queue, 0).is_empty());
+    assert!(matches!(
+        state(&s, 1),
+        GenState::Finishing {
+            wait: Wait::Idle,
+            ..
+        }
+    ));
+    let t = s.next_deadline().unwrap();
+    assert_eq!(
+        measure(&mut s, t, Wait::Idle, 0),
+        [Action::Signal {
+            pid: 100,
+            signal: Signal::SIGTERM
+        }]
+    );
+    assert!(matches!(
+        state(&s, 1),
+        GenState::Draining { killed: false, .. }
+    ));
+}
+
+#[test]
+fn every_wait_is_bounded() {
+    let mut s = switched(100);
+    // The queue never empties: the stop goes at the drain timeout, after an idle wait.
+    let mut now = 100;
+    loop {
+        let out = measure(&mut s, now, Wait::Queue, 7);
+        assert!(out.is_empty(), "{out:?}");
+        if let GenState::Finishing {
+            wait: Wait::Idle, ..
+        } = state(&s, 1)
+        {
+            break;
+        }
+        now = s.next_deadline().unwrap();
+        assert!(
+            now <= 100 + 5_000,
+            "queue wait past the drain timeout: {now}"
+        );
+    }
+    assert_eq!(now, 100 + 5_000);
+    loop {
+        now = s.next_deadline().unwrap();
+        assert!(now <= 5_100 + 1_000, "idle wait past --idle-wait: {now}");
+        let out = measure(&mut s, now, Wait::Idle, 12);
+        if !out.is_empty() {
+            assert_eq!(
+                out,
+                [Action::Signal {
+                    pid: 100,
+                    signal: Signal::SIGTERM
+                }]
+            );
+            break;
+        }
+    }
+    assert_eq!(now, 5_100 + 1_000);
+}
+
+#[test]
+fn a_new_handover_or_a_stop_ends_the_wait_at_once() {
+    let mut s = switched(100);
+    let generation = restart_to_spawn(&mut s, 200, 300);
+    let out = s.act(250, Event::ProbePassed { generation });
+    assert!(
+        out.contains(&Action::Signal {
+            pid: 100,
+            signal: Signal::SIGTERM
+        }),
+        "{out:?}"
+    );
+    assert!(matches!(state(&s, 1), GenState::Draining { .. }));
+    assert!(matches!(state(&s, 2), GenState::Finishing { .. }));
+    let out = s.act(300, Event::StopSignal(Signal::SIGTERM));
+    assert!(
+        out.contains(&Action::Signal {
+            pid: 200,
+            signal: Signal::SIGTERM
+        }),
+        "{out:?}"
+    );
+    assert!(matches!(state(&s, 2), GenState::Draining { .. }));
+}
+
+#[test]
+fn a_generation_that_dies_while_finishing_is_no_crash() {
+    let mut s = switched(100);
+    let out = s.act(
+        150,
+        Event::Exited {
+            pid: 100,
+            code: 1,
+            group_empty: true,
+        },
+    );
+    assert!(out.is_empty(), "{out:?}");
+    assert!(s.generation(1).is_none());
+    assert_eq!(s.current().unwrap().id, 2);
+    assert_eq!(*s.phase(), Phase::Idle);
+}
+
+#[test]
+fn a_finishing_generation_survives_the_handoff_record() {
+    let s = switched(100);
+    let mut text = String::new();
+    s.state().encode(&mut text);
+    assert!(text.contains("finishing-queue"), "{text}");
+    let back = State::decode(text.lines().map(crate::fields::Fields::new)).unwrap();
+    let restored = Supervisor::restore(steered(), back);
+    let GenState::Finishing {
+        wait,
+        deadline,
+        check_at,
+        ..
+    } = restored.generation(1).unwrap().state
+    else {
+        panic!("{text}")
+    };
+    assert_eq!((wait, deadline, check_at), (Wait::Queue, 100 + 5_000, 0));
+}
