@@ -2,11 +2,36 @@
 //! deadlines, and dump everything when an assertion fails.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// A file under `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A port that was free a moment ago (for a server that needs the number before it starts).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `path`, which Debian's `package` installs (`.ci/deps` does); a clear failure if it is missing.
+pub fn require(path: &str, package: &str) -> &'static str {
+    assert!(
+        Path::new(path).exists(),
+        "{path} is missing: install Debian's {package} package (.ci/deps does)"
+    );
+    path.to_string().leak()
+}
 
 pub fn grace_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_grace"))

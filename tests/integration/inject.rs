@@ -12,36 +12,15 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::harness::{Grace, alive, example, http_get, served_by, temp_dir, wait_for};
+use crate::harness::{
+    Grace, alive, example, fixture, free_port, http_get, require, served_by, temp_dir, wait_for,
+};
 use crate::load::Load;
 
 const T: Duration = Duration::from_secs(30);
 
 /// What grace logs when it preloads the library.
 const INJECTING: &str = "preloading grace's socket library into";
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// A port that was free a moment ago (the server needs the number before it starts).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn require(path: &str, package: &str) -> &'static str {
-    assert!(
-        Path::new(path).exists(),
-        "{path} is missing: install Debian's {package} package (.ci/deps does)"
-    );
-    path.to_string().leak()
-}
 
 /// Debian's python3, never a pyenv shim from PATH.
 fn python() -> &'static str {
@@ -50,16 +29,6 @@ fn python() -> &'static str {
 
 fn node() -> &'static str {
     require("/usr/bin/node", "nodejs")
-}
-
-/// The pids grace reported serving, in order.
-fn serving_pids(grace: &Grace) -> Vec<i32> {
-    grace
-        .output()
-        .lines()
-        .filter(|l| l.contains(") is serving"))
-        .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
-        .collect()
 }
 
 /// `rustc` run from a test (builds the static server and the user's preload library).
@@ -123,13 +92,13 @@ fn library_of(grace: &Grace, pid: i32) -> (String, u64) {
 /// generation loads the same library at the same path: grace keeps its memfd across re-execs,
 /// so what the generations `exec` later loads it too.
 fn restarts_under_load(grace: &Grace, addr: SocketAddr) {
-    let library = library_of(grace, *serving_pids(grace).last().unwrap());
+    let library = library_of(grace, *grace.serving_pids().last().unwrap());
     let load = Load::start(addr, 4, "/");
     load.wait_more(50, T);
     for i in 1..=3 {
         grace.signal("USR2");
         grace.wait_line_count(") is serving", i + 1, T);
-        let newest = *serving_pids(grace).last().unwrap();
+        let newest = *grace.serving_pids().last().unwrap();
         wait_for(&format!("generation {} to answer", i + 1), T, || {
             let (_, body) = http_get(addr, "/").ok()?;
             (served_by(&body) == newest).then_some(())
@@ -145,7 +114,7 @@ fn restarts_under_load(grace: &Grace, addr: SocketAddr) {
         &tally.errors[..tally.errors.len().min(10)],
         grace.describe()
     );
-    let pids = serving_pids(grace);
+    let pids = grace.serving_pids();
     assert_eq!(pids.len(), 4, "{}", grace.describe());
     assert_eq!(
         pids.iter().collect::<BTreeSet<_>>().len(),
@@ -238,7 +207,7 @@ fn a_shared_socket_stopped_behind_the_librarys_back_listens_again() {
         &[],
         &[python(), script.to_str().unwrap(), &port.to_string(), "raw"],
     );
-    let pid = *serving_pids(&grace).last().unwrap();
+    let pid = *grace.serving_pids().last().unwrap();
     let (_, body) = http_get(addr, "/").unwrap();
     assert_eq!(served_by(&body), pid);
     let inode = listening_inode(port).expect("a socket listens");
@@ -336,7 +305,7 @@ fn python_http_server_frozen_at_the_switch_answers_its_queue_before_it_is_stoppe
     let load = Load::start(addr, 2, "/index.html");
     load.wait_more(20, T);
     for i in 1..=3 {
-        let old = *serving_pids(&grace).last().unwrap();
+        let old = *grace.serving_pids().last().unwrap();
         kill(old, "STOP");
         let waiting: Vec<TcpStream> = (0..8)
             .map(|n| send_request(addr).unwrap_or_else(|e| panic!("client {n}: {e}")))
@@ -426,7 +395,7 @@ fn only_the_address_grace_owns_is_substituted() {
             &format!("127.0.0.1:{other}"),
         ],
     );
-    let pid = *serving_pids(&grace).last().unwrap();
+    let pid = *grace.serving_pids().last().unwrap();
     let other_addr: SocketAddr = format!("127.0.0.1:{other}").parse().unwrap();
     let (_, body) = http_get(addr, "/").unwrap();
     assert_eq!(served_by(&body), pid);
@@ -562,7 +531,7 @@ fn the_users_own_preload_library_still_loads() {
         },
     );
     grace.wait_line(") is serving", T);
-    let pid = *serving_pids(&grace).last().unwrap();
+    let pid = *grace.serving_pids().last().unwrap();
     let addr: SocketAddr = listen.parse().unwrap();
     let (_, body) = wait_for("an answer", T, || http_get(addr, "/").ok());
     assert_eq!(served_by(&body), pid, "grace's socket reached the server");

@@ -4,47 +4,15 @@
 //! waits, none may fail. And a new version that accepts but never becomes ready is rolled back
 //! having seen no client at all.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{Grace, http_get, served_by, temp_dir, wait_for};
+use crate::harness::{Grace, fixture, free_port, http_get, require, served_by, temp_dir, wait_for};
 use crate::load::Load;
 
 const T: Duration = Duration::from_secs(60);
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn require(path: &str, package: &str) -> String {
-    assert!(
-        Path::new(path).exists(),
-        "{path} is missing: install Debian's {package} package (.ci/deps does)"
-    );
-    path.to_string()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The pids grace reported serving, in order.
-fn serving_pids(grace: &Grace) -> Vec<i32> {
-    grace
-        .output()
-        .lines()
-        .filter(|l| l.contains(") is serving"))
-        .filter_map(|l| l.split("(pid ").nth(1)?.split(')').next()?.parse().ok())
-        .collect()
-}
 
 /// Four restarts under load (a new connection per request); every request succeeds and every
 /// generation is a new process. `answers`: the server's reply names its pid.
@@ -55,7 +23,7 @@ fn four_restarts_under_load(grace: &Grace, addr: SocketAddr, answers: bool) {
         grace.signal("USR2");
         grace.wait_line_count(") is serving", i + 1, T);
         if answers {
-            let newest = *serving_pids(grace).last().unwrap();
+            let newest = *grace.serving_pids().last().unwrap();
             wait_for(&format!("generation {} to answer", i + 1), T, || {
                 let (_, body) = http_get(addr, "/").ok()?;
                 (served_by(&body) == newest).then_some(())
@@ -75,7 +43,7 @@ fn four_restarts_under_load(grace: &Grace, addr: SocketAddr, answers: bool) {
         &tally.errors[..tally.errors.len().min(10)],
         grace.describe()
     );
-    let mut pids = serving_pids(grace);
+    let mut pids = grace.serving_pids();
     assert_eq!(pids.len(), 5, "{}", grace.describe());
     pids.sort_unstable();
     pids.dedup();
@@ -137,7 +105,7 @@ fn node_without_a_signal_handler_loses_nothing() {
         "--ready",
         "http:/",
         "--",
-        &node,
+        node,
         script.to_str().unwrap(),
         &port.to_string(),
     ]);
@@ -160,7 +128,7 @@ fn python_http_server_loses_nothing() {
         "--ready",
         "tcp",
         "--",
-        &python,
+        python,
         "-m",
         "http.server",
         &port.to_string(),
@@ -212,13 +180,13 @@ fn a_version_that_never_becomes_ready_never_sees_a_client() {
         "--ready-timeout",
         "3s",
         "--",
-        &python,
+        python,
         script.to_str().unwrap(),
         mode.to_str().unwrap(),
         counted.to_str().unwrap(),
     ]);
     grace.wait_line(") is serving", T);
-    let old = serving_pids(&grace)[0];
+    let old = grace.serving_pids()[0];
     let load = Load::start(grace.addr(), 4, "/");
     load.wait_more(50, T);
     std::fs::write(&mode, "never-ready").unwrap();
