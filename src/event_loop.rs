@@ -263,11 +263,8 @@ impl EventLoop {
                 let count = match wait {
                     Wait::Queue => self.held.steering.queued(&self.held.listeners, generation),
                     Wait::Idle => {
-                        let pids = self.members.pids(generation, pid);
-                        steer::connections(
-                            &self.held.steering.tcp_ports(),
-                            &steer::socket_inodes(&pids),
-                        )
+                        let held = steer::socket_inodes(&self.members.pids(generation, pid));
+                        self.held.steering.open_connections(generation, held)
                     }
                 };
                 events.push_back(Event::Measured {

@@ -408,6 +408,23 @@ pub fn listen_queue(listener: BorrowedFd<'_>) -> Result<(u32, u32), Errno> {
     Errno::result(rc).map(|_| (info.tcpi_unacked, info.tcpi_sacked))
 }
 
+/// Holds completed handshakes in `SYN_RECV` until the client sends data (`TCP_DEFER_ACCEPT`): how
+/// tests make a handshake that stays in progress.
+#[cfg(test)]
+pub fn defer_accept(listener: BorrowedFd<'_>, seconds: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: the kernel reads one c_int from the pointer.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
 /// The bytes waiting in a datagram socket's receive queue (the size of the next datagram).
 pub fn datagram_queued(socket: BorrowedFd<'_>) -> Result<u32, Errno> {
     let mut n: libc::c_int = 0;

@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
@@ -27,6 +28,8 @@ const TCP_LISTEN: u8 = 10;
 const TCP_CLOSING: u8 = 11;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
+/// The request (and its answers) from before `SOCK_DIAG_BY_FAMILY`: TCP over both families.
+const TCPDIAG_GETSOCK: u16 = 18;
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
 const INET_DIAG_BC_S_GE: u8 = 2;
 const INET_DIAG_BC_S_LE: u8 = 3;
@@ -37,56 +40,112 @@ const MSG_LEN: usize = 72;
 /// One socket as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
-    pub state: u8,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     pub inode: u64,
 }
 
-/// The sockets of `proto` over IPv4 (`v6` false) or IPv6 in one of `states` (a bit per state)
-/// whose local port is `port`.
-pub fn sockets(proto: Proto, v6: bool, states: u32, port: u16) -> Result<Vec<Row>, Errno> {
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkSockDiag,
-    )?;
-    sendto(
-        fd.as_raw_fd(),
-        &request(proto, v6, states, port),
-        &NetlinkAddr::new(0, 0),
-        MsgFlags::empty(),
-    )?;
-    read_rows(&fd)
+/// Which address families a dump covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+    /// Both, in one pass over the kernel's tables for TCP.
+    Any,
 }
 
-fn request(proto: Proto, v6: bool, states: u32, port: u16) -> Vec<u8> {
-    // The bytecode: local port >= port, then <= port; a failed test jumps past the end (reject).
+impl Family {
+    fn of(addr: SocketAddr) -> Self {
+        if addr.is_ipv6() {
+            Family::V6
+        } else {
+            Family::V4
+        }
+    }
+}
+
+/// The sockets of `proto` in one of `states` (a bit per state) whose local port is in `ports`.
+///
+/// Every dump of connection states walks the kernel's whole established hash (262,144 buckets on
+/// a machine with 24 GiB, about a millisecond) whatever the filter, so callers ask once for all
+/// their ports and families: for TCP `Family::Any` is one walk (the older `TCPDIAG_GETSOCK`
+/// request, whose dumps cover both families), not two.
+pub fn sockets(
+    proto: Proto,
+    family: Family,
+    states: u32,
+    ports: RangeInclusive<u16>,
+) -> Result<Vec<Row>, Errno> {
+    let requests = match (family, proto) {
+        (Family::Any, Proto::Udp) => vec![
+            request(proto, Family::V4, states, &ports),
+            request(proto, Family::V6, states, &ports),
+        ],
+        _ => vec![request(proto, family, states, &ports)],
+    };
+    let mut rows = Vec::new();
+    for req in requests {
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkSockDiag,
+        )?;
+        sendto(
+            fd.as_raw_fd(),
+            &req,
+            &NetlinkAddr::new(0, 0),
+            MsgFlags::empty(),
+        )?;
+        rows.extend(read_rows(&fd)?);
+    }
+    Ok(rows)
+}
+
+fn request(proto: Proto, family: Family, states: u32, ports: &RangeInclusive<u16>) -> Vec<u8> {
+    // The bytecode: local port >= first, then <= last; a failed test jumps past the end (reject).
     let mut bytecode = Vec::new();
-    for (code, no) in [(INET_DIAG_BC_S_GE, 20u16), (INET_DIAG_BC_S_LE, 12)] {
+    for (code, no, port) in [
+        (INET_DIAG_BC_S_GE, 20u16, *ports.start()),
+        (INET_DIAG_BC_S_LE, 12, *ports.end()),
+    ] {
         bytecode.extend([code, 8]);
         bytecode.extend(no.to_ne_bytes());
         bytecode.extend([0, 0]);
         bytecode.extend(port.to_ne_bytes());
     }
     let mut req = Vec::with_capacity(96);
-    // struct inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed socket id.
-    req.push(if v6 { libc::AF_INET6 } else { libc::AF_INET } as u8);
-    req.push(match proto {
-        Proto::Tcp => libc::IPPROTO_TCP,
-        Proto::Udp => libc::IPPROTO_UDP,
-    } as u8);
-    req.extend([0, 0]);
-    req.extend(states.to_ne_bytes());
-    req.extend([0u8; 48]);
+    let kind = if family == Family::Any {
+        // struct inet_diag_req: family (ignored by a dump), src_len, dst_len, ext, a zeroed
+        // socket id, states, dbs.
+        req.extend([0, 0, 0, 0]);
+        req.extend([0u8; 48]);
+        req.extend(states.to_ne_bytes());
+        req.extend(0u32.to_ne_bytes());
+        TCPDIAG_GETSOCK
+    } else {
+        // struct inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed socket id.
+        req.push(if family == Family::V6 {
+            libc::AF_INET6
+        } else {
+            libc::AF_INET
+        } as u8);
+        req.push(match proto {
+            Proto::Tcp => libc::IPPROTO_TCP,
+            Proto::Udp => libc::IPPROTO_UDP,
+        } as u8);
+        req.extend([0, 0]);
+        req.extend(states.to_ne_bytes());
+        req.extend([0u8; 48]);
+        SOCK_DIAG_BY_FAMILY
+    };
     // The bytecode attribute.
     req.extend(((4 + bytecode.len()) as u16).to_ne_bytes());
     req.extend(INET_DIAG_REQ_BYTECODE.to_ne_bytes());
     req.extend(bytecode);
     let mut msg = Vec::with_capacity(16 + req.len());
     msg.extend(((16 + req.len()) as u32).to_ne_bytes());
-    msg.extend(SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    msg.extend(kind.to_ne_bytes());
     msg.extend(((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
     msg.extend(1u32.to_ne_bytes());
     msg.extend(0u32.to_ne_bytes());
@@ -118,7 +177,7 @@ fn read_rows(fd: &OwnedFd) -> Result<Vec<Row>, Errno> {
                         .map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap()));
                     return Err(Errno::from_raw(-code));
                 }
-                SOCK_DIAG_BY_FAMILY => rows.extend(parse_msg(body)),
+                SOCK_DIAG_BY_FAMILY | TCPDIAG_GETSOCK => rows.extend(parse_msg(body)),
                 _ => {}
             }
             // Messages are aligned to 4 bytes.
@@ -145,7 +204,6 @@ fn parse_msg(b: &[u8]) -> Option<Row> {
     };
     // The socket id from byte 4: sport, dport, src (16 bytes), dst (16 bytes), interface, cookie.
     Some(Row {
-        state: b[1],
         local: addr(8, 4),
         remote: addr(24, 6),
         inode: u64::from(u32::from_ne_bytes(b[68..72].try_into().unwrap())),
@@ -163,7 +221,8 @@ pub fn bound_on(proto: Proto, addr: SocketAddr) -> Option<Vec<u64>> {
         Proto::Tcp => TCP_LISTEN,
         Proto::Udp => TCP_CLOSE,
     };
-    let rows = sockets(proto, addr.is_ipv6(), bit(state), addr.port()).ok()?;
+    let port = addr.port();
+    let rows = sockets(proto, Family::of(addr), bit(state), port..=port).ok()?;
     Some(
         rows.into_iter()
             .filter(|r| r.local == addr && r.inode != 0)
@@ -172,30 +231,39 @@ pub fn bound_on(proto: Proto, addr: SocketAddr) -> Option<Vec<u64>> {
     )
 }
 
-/// The handshakes in progress to `port` (their clients' addresses), over IPv4 and IPv6.
-pub fn handshakes(port: u16) -> HashSet<SocketAddr> {
-    [false, true]
+/// The span of `ports` for the kernel's filter (the rows outside `ports` are dropped here).
+fn span(ports: &[u16]) -> Option<RangeInclusive<u16>> {
+    Some(*ports.iter().min()?..=*ports.iter().max()?)
+}
+
+/// The handshakes in progress to one of `ports`, over IPv4 and IPv6: (local port, client).
+pub fn handshakes(ports: &[u16]) -> HashSet<(u16, SocketAddr)> {
+    let Some(span) = span(ports) else {
+        return HashSet::new();
+    };
+    sockets(Proto::Tcp, Family::Any, bit(TCP_SYN_RECV), span)
+        .unwrap_or_default()
         .into_iter()
-        .flat_map(|v6| sockets(Proto::Tcp, v6, bit(TCP_SYN_RECV), port).unwrap_or_default())
-        .map(|r| r.remote)
+        .filter(|r| ports.contains(&r.local.port()))
+        .map(|r| (r.local.port(), r.remote))
         .collect()
 }
 
-/// How many of the sockets `inodes` are TCP connections to one of `ports` (from established to
+/// Which of the sockets `inodes` are TCP connections to one of `ports` (from established to
 /// closing; not the listeners, handshakes or `TIME_WAIT`s).
-pub fn connections(ports: &[u16], inodes: &HashSet<u64>) -> usize {
+pub fn connections(ports: &[u16], inodes: &HashSet<u64>) -> HashSet<u64> {
+    let Some(span) = span(ports) else {
+        return HashSet::new();
+    };
     let states = (TCP_ESTABLISHED..=TCP_CLOSING)
         .filter(|&s| ![TCP_SYN_RECV, TCP_TIME_WAIT, TCP_CLOSE, TCP_LISTEN].contains(&s))
         .fold(0, |m, s| m | bit(s));
-    ports
-        .iter()
-        .flat_map(|&port| {
-            [false, true]
-                .into_iter()
-                .flat_map(move |v6| sockets(Proto::Tcp, v6, states, port).unwrap_or_default())
-        })
-        .filter(|r| inodes.contains(&r.inode))
-        .count()
+    sockets(Proto::Tcp, Family::Any, states, span)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| ports.contains(&r.local.port()) && inodes.contains(&r.inode))
+        .map(|r| r.inode)
+        .collect()
 }
 
 /// The socket inodes the processes `pids` hold.
@@ -247,14 +315,61 @@ mod tests {
         let client = TcpStream::connect(addr).unwrap();
         let (accepted, from) = listener.accept().unwrap();
         assert_eq!(from, client.local_addr().unwrap());
+        let v6_client = TcpStream::connect(v6_addr).unwrap();
+        let (v6_accepted, _) = v6.accept().unwrap();
         let mine = socket_inodes(&[std::process::id() as i32]);
         assert!(mine.contains(&inode(&accepted)));
-        assert_eq!(connections(&[addr.port()], &mine), 1);
+        // Both families in one dump; only the ports asked for.
+        let ports = [addr.port(), v6_addr.port()];
+        let both = HashSet::from([inode(&accepted), inode(&v6_accepted)]);
+        assert_eq!(connections(&ports, &mine), both);
+        assert_eq!(
+            connections(&[addr.port()], &mine),
+            HashSet::from([inode(&accepted)])
+        );
         // Someone else's inodes: not counted.
-        assert_eq!(connections(&[addr.port()], &HashSet::from([1, 2])), 0);
+        assert!(connections(&ports, &HashSet::from([1, 2])).is_empty());
         drop(accepted);
         let mine = socket_inodes(&[std::process::id() as i32]);
-        assert_eq!(connections(&[addr.port()], &mine), 0);
-        assert!(handshakes(addr.port()).is_empty());
+        assert_eq!(
+            connections(&ports, &mine),
+            HashSet::from([inode(&v6_accepted)])
+        );
+        drop((client, v6_client));
+    }
+
+    #[test]
+    fn sees_handshakes_in_progress_over_both_families() {
+        let mut listeners = Vec::new();
+        for at in ["127.0.0.1:0", "[::1]:0"] {
+            let l = TcpListener::bind(at).unwrap();
+            // The handshake completes but stays in SYN_RECV until the client sends something.
+            crate::sys::defer_accept(l.as_fd(), 30).unwrap();
+            listeners.push(l);
+        }
+        let ports: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        assert!(handshakes(&ports).is_empty());
+        let mut clients: Vec<TcpStream> = listeners
+            .iter()
+            .map(|l| TcpStream::connect(l.local_addr().unwrap()).unwrap())
+            .collect();
+        let expected: HashSet<(u16, SocketAddr)> = clients
+            .iter()
+            .map(|c| (c.peer_addr().unwrap().port(), c.local_addr().unwrap()))
+            .collect();
+        assert_eq!(handshakes(&ports), expected);
+        assert_eq!(handshakes(&ports[..1]).len(), 1);
+        // Data completes it into the accept queue: no longer a handshake.
+        use std::io::Write;
+        clients[0].write_all(b"x").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while handshakes(&ports[..1]).len() == 1 {
+            assert!(std::time::Instant::now() < deadline, "still in SYN_RECV");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(handshakes(&ports).len(), 1);
     }
 }

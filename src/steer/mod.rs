@@ -20,7 +20,7 @@ mod tests;
 
 use nix::libc::{self, sock_filter};
 
-pub use diag::{connections, socket_inodes};
+pub use diag::socket_inodes;
 pub use group::{Group, Member};
 pub use steering::{GroupRecord, Steering};
 

@@ -65,18 +65,30 @@ pub struct GroupRecord {
     pub members: Vec<Member>,
 }
 
-/// Handshakes in progress to an old generation's socket when traffic moved away from it.
+/// Handshakes in progress to an old generation's sockets when traffic moved away from it: their
+/// ports and clients.
 #[derive(Debug)]
 struct Pending {
     generation: GenId,
-    port: u16,
-    clients: HashSet<SocketAddr>,
+    clients: HashSet<(u16, SocketAddr)>,
+}
+
+/// A finishing generation's sockets as its idle checks found them (by inode).
+#[derive(Debug)]
+struct Connections {
+    generation: GenId,
+    /// Every socket its processes were seen to hold (apart from grace's).
+    seen: HashSet<u64>,
+    /// Those that were connections to a steered port, and are still held.
+    open: HashSet<u64>,
 }
 
 #[derive(Debug, Default)]
 pub struct Steering {
     groups: Vec<Steered>,
     pending: Vec<Pending>,
+    /// What the idle checks found of each finishing generation's connections.
+    open: Vec<Connections>,
     /// What was found while starting a generation, said at the next steer or collect.
     logs: Vec<String>,
 }
@@ -219,6 +231,7 @@ impl Steering {
     /// are waited for by [`Steering::queued`]).
     pub fn steer(&mut self, listeners: &mut [Listener], generation: GenId) -> Vec<String> {
         let mut logs = std::mem::take(&mut self.logs);
+        let mut moved = Vec::new();
         for g in &mut self.groups {
             logs.extend(g.reconcile());
             let Some(new) = g
@@ -247,10 +260,25 @@ impl Steering {
                 ));
             }
             if let (Some(generation), Proto::Tcp) = (old_owner, g.proto) {
+                moved.push((generation, g.addr.port()));
+            }
+        }
+        // One look at the kernel's table for every port moved (it costs the same for one).
+        if !moved.is_empty() {
+            let ports: Vec<u16> = moved.iter().map(|&(_, port)| port).collect();
+            let now = diag::handshakes(&ports);
+            for &(generation, _) in &moved {
+                if self.pending.iter().any(|p| p.generation == generation) {
+                    continue;
+                }
+                let clients = now
+                    .iter()
+                    .filter(|(port, _)| moved.contains(&(generation, *port)))
+                    .copied()
+                    .collect();
                 self.pending.push(Pending {
                     generation,
-                    port: g.addr.port(),
-                    clients: diag::handshakes(g.addr.port()),
+                    clients,
                 });
             }
         }
@@ -318,18 +346,50 @@ impl Steering {
                 };
             }
         }
-        for p in self
+        if let Some(p) = self
             .pending
             .iter_mut()
-            .filter(|p| p.generation == generation)
+            .find(|p| p.generation == generation && !p.clients.is_empty())
         {
-            if !p.clients.is_empty() {
-                let now = diag::handshakes(p.port);
-                p.clients.retain(|c| now.contains(c));
-                n += p.clients.len();
-            }
+            let ports: Vec<u16> = p.clients.iter().map(|&(port, _)| port).collect();
+            let now = diag::handshakes(&ports);
+            p.clients.retain(|c| now.contains(c));
+            n += p.clients.len();
         }
         n
+    }
+
+    /// How many connections to the steered TCP ports `generation` still has open, `held` being
+    /// the sockets its processes hold. Reading the kernel's table costs a walk over all of it, so
+    /// it is read only for sockets not seen at an earlier check of this generation: in its idle
+    /// wait its sockets get no new connections, so after the first check it is usually a matter
+    /// of which of the same sockets its processes still hold.
+    pub fn open_connections(&mut self, generation: GenId, mut held: HashSet<u64>) -> usize {
+        for g in &self.groups {
+            for m in g.group.members() {
+                held.remove(&m.inode());
+            }
+        }
+        let i = match self.open.iter().position(|o| o.generation == generation) {
+            Some(i) => i,
+            None => {
+                self.open.push(Connections {
+                    generation,
+                    seen: HashSet::new(),
+                    open: HashSet::new(),
+                });
+                self.open.len() - 1
+            }
+        };
+        let tcp_ports = self.tcp_ports();
+        let known = &mut self.open[i];
+        if !held.is_subset(&known.seen) {
+            let new: HashSet<u64> = held.difference(&known.seen).copied().collect();
+            known.open.extend(diag::connections(&tcp_ports, &new));
+            known.seen.extend(new);
+        }
+        known.open.retain(|ino| held.contains(ino));
+        known.open.len()
     }
 
     /// The TCP ports of the steered listeners (a generation's connections are to these).
@@ -346,6 +406,7 @@ impl Steering {
     /// documentation), the others at a later call. Returns the lines to log.
     pub fn collect(&mut self, listeners: &[Listener], live: &[GenId]) -> Vec<String> {
         self.pending.retain(|p| live.contains(&p.generation));
+        self.open.retain(|o| live.contains(&o.generation));
         let mut logs = std::mem::take(&mut self.logs);
         for g in &mut self.groups {
             for s in &mut g.sockets {

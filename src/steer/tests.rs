@@ -347,3 +347,52 @@ fn a_strangers_socket_in_the_group_is_reported() {
     // Once.
     assert!(steering.collect(&listeners, &[1, 2]).is_empty());
 }
+
+#[test]
+fn an_old_generations_open_connections_are_counted_until_it_closes_them() {
+    use crate::listen::{BindOptions, ListenSpec, bind_all};
+    use std::collections::HashSet;
+    let specs: Vec<ListenSpec> = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut listeners = bind_all(&specs, &BindOptions::default()).unwrap();
+    let (_, to) = listeners[0].local.inet().unwrap();
+    let (mut steering, _) = Steering::new(&listeners);
+    let old = server_copy(steering.sockets_for(&listeners, 1, true).unwrap()[0]);
+    let accept = |from: &OwnedFd| -> OwnedFd {
+        for _ in 0..500 {
+            if let Ok(fd) = nix::sys::socket::accept(from.as_fd()) {
+                return fd;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!("nothing to accept");
+    };
+    let clients: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(to).unwrap()).collect();
+    let accepted: Vec<OwnedFd> = (0..2).map(|_| accept(&old)).collect();
+    let _new = server_copy(steering.sockets_for(&listeners, 2, false).unwrap()[0]);
+    steering.steer(&mut listeners, 2);
+    // What the old generation's processes hold: its listener copy, its two connections, and a
+    // socket that is no connection to the port (a unix pair).
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let held = |fds: &[&dyn AsFd]| -> HashSet<u64> {
+        fds.iter().map(|fd| inode(fd.as_fd()).unwrap()).collect()
+    };
+    assert_eq!(
+        steering.open_connections(1, held(&[&old, &accepted[0], &accepted[1], &a])),
+        2
+    );
+    // One closed: the same sockets, one fewer held.
+    assert_eq!(
+        steering.open_connections(1, held(&[&old, &accepted[1], &a])),
+        1
+    );
+    // A socket not seen before is looked up: a client connection it makes elsewhere is not one.
+    let elsewhere = TcpStream::connect(to).unwrap();
+    assert_eq!(
+        steering.open_connections(1, held(&[&old, &accepted[1], &a, &elsewhere])),
+        1
+    );
+    assert_eq!(steering.open_connections(1, held(&[&old, &a])), 0);
+    // Another generation's count is its own.
+    assert_eq!(steering.open_connections(2, held(&[&accepted[1]])), 1);
+    drop(clients);
+}

@@ -741,7 +741,8 @@ impl Supervisor {
             };
             return;
         }
-        if wait == Wait::Queue && idle_wait > 0 {
+        // A queue that never emptied has already had the drain timeout: no idle wait after it.
+        if wait == Wait::Queue && count == 0 && idle_wait > 0 {
             g.state = GenState::Finishing {
                 wait: Wait::Idle,
                 since: now,
