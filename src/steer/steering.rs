@@ -186,7 +186,11 @@ impl Steering {
                 }
             };
             let Ok(ino) = inode(fd.as_fd()) else {
-                return Err(format!("{}: cannot identify a new socket", g.addr));
+                let addr = g.addr;
+                // The newest member: closing it moves nothing.
+                drop(fd);
+                self.abandon(listeners, &joined);
+                return Err(format!("{addr}: cannot identify a new socket"));
             };
             g.group.join(Member::Ours(ino));
             g.sockets.push(Socket {
@@ -415,10 +419,16 @@ impl Steering {
                 }
             }
             loop {
+                logs.extend(g.reconcile());
                 let members = g.group.members();
                 let last = members.last().map(|m| m.inode());
-                let harmless = last != Some(g.target) || members.len() == 2;
                 let probed = g.probe.map(|(_, to)| to);
+                // Closing a member moves the last one into its slot: harmless unless the program
+                // names the last one (as the target or the probe's), or the target is all that
+                // stays (an index out of range then falls back to the hash, over that one).
+                let named = last.is_some_and(|l| l == g.target || Some(l) == probed);
+                let harmless =
+                    !named || (members.len() == 2 && probed.is_none_or(|p| p == g.target));
                 let Some(i) = g.sockets.iter().position(|s| {
                     s.fd.is_some()
                         && s.owner.is_none()
@@ -428,7 +438,6 @@ impl Steering {
                 }) else {
                     break;
                 };
-                logs.extend(g.reconcile());
                 let closed = g.sockets.remove(i);
                 let ino = closed.inode;
                 drop(closed);

@@ -907,8 +907,27 @@ impl Supervisor {
                     if !group_empty {
                         out.push(Action::KillGroup { pgid: pid });
                     }
-                    if !matches!(self.s.phase, Phase::Starting { .. } | Phase::ReExec) {
-                        self.crashed(code, now, out);
+                    match self.s.phase {
+                        // The successor has a socket of its own, which no client reaches yet;
+                        // the clients wait in the dead generation's. With steering only a
+                        // generation that takes that socket over can serve them: roll the
+                        // successor back, and the crash policy starts one that does.
+                        Phase::Starting {
+                            generation,
+                            cause: Cause::Restart,
+                        } if self.policy.steered && self.policy.on_crash == OnCrash::Restart => {
+                            self.roll_back(
+                                generation,
+                                format!(
+                                    "was starting on a socket of its own when generation {id} exited: a new one takes over the socket its clients wait in"
+                                ),
+                                false,
+                                now,
+                                out,
+                            );
+                        }
+                        Phase::Starting { .. } | Phase::ReExec => {}
+                        _ => self.crashed(code, now, out),
                     }
                 }
             }

@@ -954,3 +954,74 @@ fn a_finishing_generation_survives_the_handoff_record() {
     };
     assert_eq!((wait, deadline, check_at), (Wait::Queue, 100 + 5_000, 0));
 }
+
+#[test]
+fn a_crash_while_a_steered_successor_starts_hands_the_queue_to_a_take_over() {
+    let mut s = serving(Policy {
+        on_crash: OnCrash::Restart,
+        ..steered()
+    });
+    let successor = restart_to_spawn(&mut s, 100, 200);
+    // The serving generation dies; its socket holds the clients that queue from now on.
+    let out = s.act(
+        150,
+        Event::Exited {
+            pid: 100,
+            code: 1,
+            group_empty: true,
+        },
+    );
+    assert!(
+        out.contains(&Action::Signal {
+            pid: 200,
+            signal: Signal::SIGTERM
+        }),
+        "the successor, on a socket no client reaches, is stopped: {out:?}"
+    );
+    assert!(
+        out.iter().any(|a| matches!(a, Action::Report(Outcome::RolledBack { generation, .. }) if *generation == successor)),
+        "{out:?}"
+    );
+    let Phase::Backoff { respawn_at } = s.s.phase else {
+        panic!("{:?}", s.s.phase)
+    };
+    let out = s.act(respawn_at, Event::Tick);
+    assert!(
+        matches!(
+            out[..],
+            [Action::Spawn {
+                take_over: true,
+                ..
+            }]
+        ),
+        "the next one takes the socket over: {out:?}"
+    );
+}
+
+#[test]
+fn a_crash_while_a_shared_socket_successor_starts_lets_it_go_on() {
+    let mut s = serving(Policy {
+        on_crash: OnCrash::Restart,
+        ..policy()
+    });
+    let successor = restart_to_spawn(&mut s, 100, 200);
+    let out = s.act(
+        150,
+        Event::Exited {
+            pid: 100,
+            code: 1,
+            group_empty: true,
+        },
+    );
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::Signal { .. })),
+        "{out:?}"
+    );
+    assert_eq!(
+        *s.phase(),
+        Phase::Starting {
+            generation: successor,
+            cause: Cause::Restart
+        }
+    );
+}
