@@ -55,6 +55,54 @@ struct Steered {
     reported: Vec<u64>,
 }
 
+impl Steered {
+    /// Closes the members whose generations are gone, as far as that moves nothing the program
+    /// names (see the module documentation). Returns the lines to log.
+    fn close_unowned(&mut self, listeners: &[Listener]) -> Vec<String> {
+        let mut logs = Vec::new();
+        loop {
+            logs.extend(self.reconcile());
+            let members = self.group.members();
+            let last = members.last().map(|m| m.inode());
+            let probed = self.probe.map(|(_, to)| to);
+            // Closing a member moves the last one into its slot: harmless unless the program
+            // names the last one (as the target or the probe's), or the target is all that
+            // stays (an index out of range then falls back to the hash, over that one).
+            let named = last.is_some_and(|l| l == self.target || Some(l) == probed);
+            let harmless =
+                !named || (members.len() == 2 && probed.is_none_or(|p| p == self.target));
+            let Some(i) = self.sockets.iter().position(|s| {
+                s.fd.is_some()
+                    && s.owner.is_none()
+                    && s.inode != self.target
+                    && Some(s.inode) != probed
+                    && (harmless || last == Some(s.inode))
+            }) else {
+                break;
+            };
+            let closed = self.sockets.remove(i);
+            let ino = closed.inode;
+            drop(closed);
+            logs.extend(self.reconcile());
+            if self.group.index_of(ino).is_some() {
+                logs.push(format!(
+                    "{}: a process outside grace's generations still holds socket {ino}: it stays in the group",
+                    self.addr
+                ));
+                self.reported.push(ino);
+            }
+            if let Err(e) = self.attach(listeners) {
+                logs.push(format!(
+                    "{}: replacing the steering program: {}",
+                    self.addr,
+                    e.desc()
+                ));
+            }
+        }
+        logs
+    }
+}
+
 /// A group as the handoff record carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRecord {
@@ -237,7 +285,9 @@ impl Steering {
         let mut logs = std::mem::take(&mut self.logs);
         let mut moved = Vec::new();
         for g in &mut self.groups {
-            logs.extend(g.reconcile());
+            // What can close while the previous target is still named closes now, and what
+            // can once the new one is, just after: nothing lingers until a later handover.
+            logs.extend(g.close_unowned(listeners));
             let Some(new) = g
                 .sockets
                 .iter()
@@ -263,6 +313,7 @@ impl Steering {
                     e.desc()
                 ));
             }
+            logs.extend(g.close_unowned(listeners));
             if let (Some(generation), Proto::Tcp) = (old_owner, g.proto) {
                 moved.push((generation, g.addr.port()));
             }
@@ -418,45 +469,7 @@ impl Steering {
                     s.owner = None;
                 }
             }
-            loop {
-                logs.extend(g.reconcile());
-                let members = g.group.members();
-                let last = members.last().map(|m| m.inode());
-                let probed = g.probe.map(|(_, to)| to);
-                // Closing a member moves the last one into its slot: harmless unless the program
-                // names the last one (as the target or the probe's), or the target is all that
-                // stays (an index out of range then falls back to the hash, over that one).
-                let named = last.is_some_and(|l| l == g.target || Some(l) == probed);
-                let harmless =
-                    !named || (members.len() == 2 && probed.is_none_or(|p| p == g.target));
-                let Some(i) = g.sockets.iter().position(|s| {
-                    s.fd.is_some()
-                        && s.owner.is_none()
-                        && s.inode != g.target
-                        && Some(s.inode) != probed
-                        && (harmless || last == Some(s.inode))
-                }) else {
-                    break;
-                };
-                let closed = g.sockets.remove(i);
-                let ino = closed.inode;
-                drop(closed);
-                logs.extend(g.reconcile());
-                if g.group.index_of(ino).is_some() {
-                    logs.push(format!(
-                        "{}: a process outside grace's generations still holds socket {ino}: it stays in the group",
-                        g.addr
-                    ));
-                    g.reported.push(ino);
-                }
-                if let Err(e) = g.attach(listeners) {
-                    logs.push(format!(
-                        "{}: replacing the steering program: {}",
-                        g.addr,
-                        e.desc()
-                    ));
-                }
-            }
+            logs.extend(g.close_unowned(listeners));
         }
         logs
     }

@@ -396,3 +396,40 @@ fn an_old_generations_open_connections_are_counted_until_it_closes_them() {
     assert_eq!(steering.open_connections(2, held(&[&accepted[1]])), 1);
     drop(clients);
 }
+
+#[test]
+fn members_left_behind_by_overlapping_generations_close_at_the_next_handover() {
+    use crate::listen::{BindOptions, ListenSpec, bind_all};
+    let specs: Vec<ListenSpec> = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut listeners = bind_all(&specs, &BindOptions::default()).unwrap();
+    let (_, to) = listeners[0].local.inet().unwrap();
+    let (mut steering, _) = Steering::new(&listeners);
+    let one = server_copy(steering.sockets_for(&listeners, 1, true).unwrap()[0]);
+    let two = server_copy(steering.sockets_for(&listeners, 2, false).unwrap()[0]);
+    steering.steer(&mut listeners, 2);
+    let three = server_copy(steering.sockets_for(&listeners, 3, false).unwrap()[0]);
+    steering.steer(&mut listeners, 3);
+    // Three generations overlapped; the two old ones go. The target is the last member, so
+    // closing either would move it under the program: both wait.
+    drop((one, two));
+    steering.collect(&listeners, &[3]);
+    assert_eq!(steering.group_sizes(), vec![(0, 3)]);
+    let three = [three];
+    assert_eq!(lands_on(&three, to, None, true), 0);
+    // The next handover closes them: before the switch, while its new member is named by
+    // nothing, and after it.
+    let four = server_copy(steering.sockets_for(&listeners, 4, false).unwrap()[0]);
+    let [three] = three;
+    let both = [three, four];
+    assert_eq!(lands_on(&both, to, None, true), 0);
+    assert!(steering.steer(&mut listeners, 4).is_empty());
+    assert_eq!(steering.group_sizes(), vec![(0, 2)]);
+    for _ in 0..3 {
+        assert_eq!(lands_on(&both, to, None, true), 1);
+    }
+    let [three, four] = both;
+    drop(three);
+    steering.collect(&listeners, &[4]);
+    assert_eq!(steering.group_sizes(), vec![(0, 1)]);
+    assert_eq!(lands_on(std::slice::from_ref(&four), to, None, true), 0);
+}

@@ -3,6 +3,7 @@
 mod bad_input;
 mod contract;
 mod faults;
+mod finishing;
 mod gunicorn;
 mod harness;
 mod inject;
