@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the peers that `cargo bench --bench restart` compares grace with: gunicorn (a real
 # server that speaks socket activation), start_server (Server::Starter, the classic hot-restart
-# tool) and wrk (an independent load generator, used as a cross-check). Debian packages only;
-# does nothing when they are all present.
+# tool), wrk (an independent load generator, used as a cross-check), and the servers whose own
+# drain is imperfect (Go, Node, python3). Debian packages only; does nothing when they are all
+# present.
 set -euo pipefail
 
-packages=(gunicorn libserver-starter-perl wrk procps)
+packages=(gunicorn libserver-starter-perl wrk procps golang-go nodejs python3)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

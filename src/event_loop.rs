@@ -263,8 +263,10 @@ impl EventLoop {
                 let count = match wait {
                     Wait::Queue => self.held.steering.queued(&self.held.listeners, generation),
                     Wait::Idle => {
-                        let held = steer::socket_inodes(&self.members.pids(generation, pid));
-                        self.held.steering.open_connections(generation, held)
+                        let members = &self.members;
+                        self.held.steering.open_connections(generation, || {
+                            steer::socket_inodes(&members.pids(generation, pid))
+                        })
                     }
                 };
                 events.push_back(Event::Measured {

@@ -12,7 +12,11 @@
 //! 6. throughput through grace against the server bound directly (keep-alive and close);
 //! 7. restart latency from grace's own log timestamps: signal to new generation spawned, and to
 //!    old generation signalled, with a server that is ready at once;
-//! 8. grace's memory, CPU and wake-ups, idle and across many restarts, beside start_server's.
+//! 8. grace's memory, CPU and wake-ups, idle and across many restarts, beside start_server's;
+//! 9. servers whose own drain is imperfect (Go's tutorial `Shutdown`, Node with no signal
+//!    handler, `python3 -m http.server`) under grace, kill-and-start and start_server;
+//! 10. a new version that accepts connections but never becomes ready: the clients it gets;
+//! 11. grace's CPU in an old generation's idle wait while it holds 10,000 idle connections.
 //!
 //! Prints tables and a PASS/FAIL list of targets, and writes the same as JSON (default
 //! `target/bench-restart.json`). Peers missing from the machine are installed by
@@ -20,6 +24,7 @@
 //! Traffic stays on 127.0.0.1; every loop is bounded; every process started is killed on the way
 //! out, whatever the way.
 
+mod drains;
 mod load;
 mod procs;
 mod report;
@@ -42,7 +47,7 @@ usage: cargo bench --bench restart [-- OPTIONS]
   --restarts K    restarts per load scenario (default 3 quick, 10 full)
   --clients N     concurrent client threads (default 4)
   --json PATH     where to write the results (default <target dir>/bench-restart.json)
-  --only LIST     run only these scenarios, e.g. --only 1,6,7 (1-8)
+  --only LIST     run only these scenarios, e.g. --only 1,6,7 (1-11)
   --no-setup      do not run benches/setup.sh for missing peers; report them as MISSING";
 
 /// Everything a scenario needs to know: options, binaries, and a scratch directory.
@@ -56,6 +61,10 @@ pub struct Env {
     pub gunicorn: Result<PathBuf, String>,
     pub start_server: Result<PathBuf, String>,
     pub wrk: Result<PathBuf, String>,
+    /// The servers whose own drain is imperfect (scenarios 9-11) run on these.
+    pub go: Result<PathBuf, String>,
+    pub node: Result<PathBuf, String>,
+    pub python: Result<PathBuf, String>,
     pub work: WorkDir,
 }
 
@@ -130,7 +139,7 @@ impl Opts {
                         .split(',')
                         .map(|s| s.trim().parse::<u32>())
                         .collect::<Result<Vec<_>, _>>()
-                        .context("--only: numbers 1-8, comma-separated")?;
+                        .context("--only: numbers 1-11, comma-separated")?;
                     opts.only = Some(list);
                 }
                 "--no-setup" => opts.setup = false,
@@ -170,7 +179,7 @@ fn run() -> anyhow::Result<ExitCode> {
     }
 
     type Scenario = fn(&Env, &mut Report) -> anyhow::Result<()>;
-    let scenarios: [(u32, &str, Scenario); 8] = [
+    let scenarios: [(u32, &str, Scenario); 11] = [
         (1, "1 grace + example server", restarts::example_under_grace),
         (2, "2 grace + gunicorn", restarts::gunicorn_under_grace),
         (
@@ -187,6 +196,21 @@ fn run() -> anyhow::Result<ExitCode> {
         (6, "6 throughput", throughput::run),
         (7, "7 restart latency", resources::restart_latency),
         (8, "8 memory, CPU, wake-ups", resources::footprint),
+        (
+            9,
+            "9 servers whose drain is imperfect",
+            drains::imperfect_servers,
+        ),
+        (
+            10,
+            "10 a new version that accepts but is never ready",
+            drains::never_ready,
+        ),
+        (
+            11,
+            "11 the idle wait with 10,000 idle connections",
+            drains::idle_wait_cost,
+        ),
     ];
     for (n, name, scenario) in scenarios {
         if !opts.runs(n) {
@@ -259,6 +283,9 @@ fn prepare(opts: &Opts) -> anyhow::Result<Env> {
         ("gunicorn", "/usr/bin/gunicorn"),
         ("start_server", "/usr/bin/start_server"),
         ("wrk", "/usr/bin/wrk"),
+        ("go", "/usr/bin/go"),
+        ("node", "/usr/bin/node"),
+        ("python3", "/usr/bin/python3"),
     ];
     let missing = || {
         peers
@@ -307,6 +334,9 @@ fn prepare(opts: &Opts) -> anyhow::Result<Env> {
         gunicorn: peer(peers[0].0, peers[0].1),
         start_server: peer(peers[1].0, peers[1].1),
         wrk: peer(peers[2].0, peers[2].1),
+        go: peer(peers[3].0, peers[3].1),
+        node: peer(peers[4].0, peers[4].1),
+        python: peer(peers[5].0, peers[5].1),
         work: WorkDir(work),
     })
 }

@@ -32,8 +32,20 @@ impl Grace {
         command: &[OsString],
         log: &str,
     ) -> anyhow::Result<Grace> {
+        Self::start_on(env, label, "127.0.0.1:0", args, command, log)
+    }
+
+    /// The same on `listen` (a server that binds its own port needs it known in advance).
+    pub fn start_on(
+        env: &Env,
+        label: &str,
+        listen: &str,
+        args: &[&str],
+        command: &[OsString],
+        log: &str,
+    ) -> anyhow::Result<Grace> {
         let mut cmd = Command::new(&env.grace);
-        cmd.args(["run", "--listen", "127.0.0.1:0"])
+        cmd.args(["run", "--listen", listen])
             .args(args)
             .arg("--")
             .args(command)
@@ -127,6 +139,29 @@ pub fn under_load(
     Ok((load.finish(), windows))
 }
 
+/// Restarts by hand under load: SIGTERM, wait for the exit, start again, until it answers.
+pub fn kill_and_start(
+    env: &Env,
+    addr: SocketAddr,
+    mut spawn: impl FnMut() -> anyhow::Result<Proc>,
+) -> anyhow::Result<(Vec<load::Sample>, Vec<Window>)> {
+    let mut current = Some(spawn()?);
+    load::wait_answering(addr, START_TIMEOUT)?;
+    let run = under_load(env, addr, Mode::Close, env.restarts, |_| {
+        let mut old = current.take().context("nothing running")?;
+        old.signal(Signal::SIGTERM)?;
+        old.wait_exit(RESTART_TIMEOUT)?;
+        drop(old);
+        current = Some(spawn()?);
+        load::wait_answering(addr, RESTART_TIMEOUT)?;
+        Ok(true)
+    });
+    if let Some(mut p) = current {
+        p.stop(Duration::from_secs(15));
+    }
+    run
+}
+
 fn gunicorn(env: &Env) -> anyhow::Result<PathBuf> {
     env.gunicorn.clone().map_err(anyhow::Error::msg)
 }
@@ -166,7 +201,7 @@ fn gunicorn_script(gunicorn: &Path, app_dir: &Path) -> String {
     )
 }
 
-fn zero_failures(report: &mut Report, id: &str, what: &str, result: &LoadResult) {
+pub fn zero_failures(report: &mut Report, id: &str, what: &str, result: &LoadResult) {
     let took = result.windows.iter().filter(|w| w.took_over).count();
     report.target(
         id,
@@ -182,7 +217,7 @@ fn zero_failures(report: &mut Report, id: &str, what: &str, result: &LoadResult)
     );
 }
 
-fn shown(report: &mut Report, id: &str, what: &str, result: &LoadResult) {
+pub fn shown(report: &mut Report, id: &str, what: &str, result: &LoadResult) {
     report.check(
         id,
         what,
@@ -292,20 +327,7 @@ pub fn gunicorn_kill_and_start(env: &Env, report: &mut Report) -> anyhow::Result
             .args(gunicorn_args(&env.fixtures));
         Proc::start("gunicorn", cmd)
     };
-    let mut current = Some(spawn()?);
-    load::wait_answering(addr, START_TIMEOUT)?;
-    let (samples, windows) = under_load(env, addr, Mode::Close, env.restarts, |_| {
-        let mut old = current.take().context("no gunicorn running")?;
-        old.signal(Signal::SIGTERM)?;
-        old.wait_exit(RESTART_TIMEOUT)?;
-        drop(old);
-        current = Some(spawn()?);
-        load::wait_answering(addr, RESTART_TIMEOUT)?;
-        Ok(true)
-    })?;
-    if let Some(mut p) = current {
-        p.stop(Duration::from_secs(15));
-    }
+    let (samples, windows) = kill_and_start(env, addr, spawn)?;
     let mut result = LoadResult::new(
         "4 gunicorn",
         "kill-and-start",

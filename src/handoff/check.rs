@@ -10,11 +10,26 @@ use super::{CHECK_ENV, ENV, VERSION};
 use crate::supervisor::Millis;
 use crate::sys::now;
 
+/// Whether `exe` is the very file this process runs (same device and inode): a running binary
+/// cannot be written to (`ETXTBSY`), so it is this version, which read these arguments at its own
+/// start. A new release replaces the file (a new inode) and is checked. Saves a process per
+/// restart (about 2 ms) when only the server changed.
+fn is_this_binary(exe: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(exe), std::fs::metadata("/proc/self/exe")) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Asks the binary on disk which handoff versions it reads, before betting the process on it.
 /// It runs with this process's own arguments, so a new binary that would not accept them is
 /// refused here too rather than after the `execve`, when the generations would be orphaned. A
 /// binary that hangs is given [`CHECK_TIMEOUT`].
 pub fn check_new_binary(exe: &Path) -> Result<(), String> {
+    if is_this_binary(exe) {
+        return Ok(());
+    }
     let mut child = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
         .env(CHECK_ENV, "1")

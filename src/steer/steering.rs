@@ -121,13 +121,11 @@ struct Pending {
     clients: HashSet<(u16, SocketAddr)>,
 }
 
-/// A finishing generation's sockets as its idle checks found them (by inode).
+/// A finishing generation's connections to the steered ports, still open at its last idle check
+/// (by inode).
 #[derive(Debug)]
 struct Connections {
     generation: GenId,
-    /// Every socket its processes were seen to hold (apart from grace's).
-    seen: HashSet<u64>,
-    /// Those that were connections to a steered port, and are still held.
     open: HashSet<u64>,
 }
 
@@ -414,37 +412,39 @@ impl Steering {
         n
     }
 
-    /// How many connections to the steered TCP ports `generation` still has open, `held` being
-    /// the sockets its processes hold. Reading the kernel's table costs a walk over all of it, so
-    /// it is read only for sockets not seen at an earlier check of this generation: in its idle
-    /// wait its sockets get no new connections, so after the first check it is usually a matter
-    /// of which of the same sockets its processes still hold.
-    pub fn open_connections(&mut self, generation: GenId, mut held: HashSet<u64>) -> usize {
+    /// How many connections to the steered TCP ports `generation` still has open. At the first
+    /// check, `held` lists the sockets its processes hold (a scan of their descriptors), and the
+    /// kernel's table says which are connections to the ports; after that only the kernel is
+    /// asked which of those are still open and held (a closed one loses its inode), so a check
+    /// costs one walk of the table, not one `readlink` per descriptor. No connection can be added:
+    /// the idle wait begins once the generation's queues are empty, and its sockets get no new
+    /// ones.
+    pub fn open_connections(
+        &mut self,
+        generation: GenId,
+        held: impl FnOnce() -> HashSet<u64>,
+    ) -> usize {
+        let ports = self.tcp_ports();
+        if let Some(c) = self.open.iter_mut().find(|c| c.generation == generation) {
+            if !c.open.is_empty() {
+                c.open = diag::connections(&ports, &c.open);
+            }
+            return c.open.len();
+        }
+        let mut held = held();
         for g in &self.groups {
             for m in g.group.members() {
                 held.remove(&m.inode());
             }
         }
-        let i = match self.open.iter().position(|o| o.generation == generation) {
-            Some(i) => i,
-            None => {
-                self.open.push(Connections {
-                    generation,
-                    seen: HashSet::new(),
-                    open: HashSet::new(),
-                });
-                self.open.len() - 1
-            }
+        let open = if held.is_empty() {
+            HashSet::new()
+        } else {
+            diag::connections(&ports, &held)
         };
-        let tcp_ports = self.tcp_ports();
-        let known = &mut self.open[i];
-        if !held.is_subset(&known.seen) {
-            let new: HashSet<u64> = held.difference(&known.seen).copied().collect();
-            known.open.extend(diag::connections(&tcp_ports, &new));
-            known.seen.extend(new);
-        }
-        known.open.retain(|ino| held.contains(ino));
-        known.open.len()
+        let n = open.len();
+        self.open.push(Connections { generation, open });
+        n
     }
 
     /// The TCP ports of the steered listeners (a generation's connections are to these).
