@@ -261,7 +261,13 @@ impl EventLoop {
                 wait,
             } => {
                 let count = match wait {
-                    Wait::Queue => self.held.steering.queued(&self.held.listeners, generation),
+                    Wait::Queue => {
+                        let (n, log) = self.held.steering.queued(&self.held.listeners, generation);
+                        if let Some(line) = log {
+                            info!("{line}");
+                        }
+                        n
+                    }
                     Wait::Idle => {
                         let members = &self.members;
                         self.held.steering.open_connections(generation, || {

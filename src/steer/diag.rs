@@ -8,7 +8,6 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
@@ -64,7 +63,7 @@ impl Family {
     }
 }
 
-/// The sockets of `proto` in one of `states` (a bit per state) whose local port is in `ports`.
+/// The sockets of `proto` in one of `states` (a bit per state) whose local port is one of `ports`.
 ///
 /// Every dump of connection states walks the kernel's whole established hash (262,144 buckets on
 /// a machine with 24 GiB, about a millisecond) whatever the filter, so callers ask once for all
@@ -74,14 +73,14 @@ pub fn sockets(
     proto: Proto,
     family: Family,
     states: u32,
-    ports: RangeInclusive<u16>,
+    ports: &[u16],
 ) -> Result<Vec<Row>, Errno> {
     let requests = match (family, proto) {
         (Family::Any, Proto::Udp) => vec![
-            request(proto, Family::V4, states, &ports),
-            request(proto, Family::V6, states, &ports),
+            request(proto, Family::V4, states, ports),
+            request(proto, Family::V6, states, ports),
         ],
-        _ => vec![request(proto, family, states, &ports)],
+        _ => vec![request(proto, family, states, ports)],
     };
     let mut rows = Vec::new();
     for req in requests {
@@ -102,19 +101,9 @@ pub fn sockets(
     Ok(rows)
 }
 
-fn request(proto: Proto, family: Family, states: u32, ports: &RangeInclusive<u16>) -> Vec<u8> {
-    // The bytecode: local port >= first, then <= last; a failed test jumps past the end (reject).
-    let mut bytecode = Vec::new();
-    for (code, no, port) in [
-        (INET_DIAG_BC_S_GE, 20u16, *ports.start()),
-        (INET_DIAG_BC_S_LE, 12, *ports.end()),
-    ] {
-        bytecode.extend([code, 8]);
-        bytecode.extend(no.to_ne_bytes());
-        bytecode.extend([0, 0]);
-        bytecode.extend(port.to_ne_bytes());
-    }
-    let mut req = Vec::with_capacity(96);
+fn request(proto: Proto, family: Family, states: u32, ports: &[u16]) -> Vec<u8> {
+    let bytecode = port_filter(ports);
+    let mut req = Vec::with_capacity(64 + bytecode.len());
     let kind = if family == Family::Any {
         // struct inet_diag_req: family (ignored by a dump), src_len, dst_len, ext, a zeroed
         // socket id, states, dbs.
@@ -151,6 +140,38 @@ fn request(proto: Proto, family: Family, states: u32, ports: &RangeInclusive<u16
     msg.extend(0u32.to_ne_bytes());
     msg.extend(req);
     msg
+}
+
+const INET_DIAG_BC_JMP: u8 = 1;
+
+/// The `inet_diag` bytecode that accepts a socket whose local port is one of `ports`: for each, a
+/// test of `port >= p` and `port <= p` (each followed by the operand), then, but for the last, an
+/// unconditional jump to the end (accept). A failed test goes on to the next port's tests, past
+/// the end (reject) after the last. The kernel's audit follows each instruction's `yes` offset,
+/// and every `no` must land where that walk does: hence the jumps, rather than tests whose `yes`
+/// skips to the end.
+fn port_filter(ports: &[u16]) -> Vec<u8> {
+    let mut bc = Vec::new();
+    for (i, &port) in ports.iter().enumerate() {
+        // From the GE test, the next port's tests start 20 bytes on (8 + 8 + the 4-byte jump);
+        // after the last, 20 bytes on is 4 past the end (16 + 4): a reject either way. From the
+        // LE test, 12 bytes on.
+        for (code, no) in [(INET_DIAG_BC_S_GE, 20u16), (INET_DIAG_BC_S_LE, 12)] {
+            bc.extend([code, 8]);
+            bc.extend(no.to_ne_bytes());
+            bc.extend([0, 0]);
+            bc.extend(port.to_ne_bytes());
+        }
+        // What follows this port's jump: 20 bytes per later port, but 16 for the last; so from
+        // the jump, the end is 20 bytes per later port away.
+        let to_end = (ports.len() - 1 - i) * 20;
+        if to_end > 0 {
+            // Lands exactly on the end: the socket is accepted.
+            bc.extend([INET_DIAG_BC_JMP, 4]);
+            bc.extend((to_end as u16).to_ne_bytes());
+        }
+    }
+    bc
 }
 
 fn read_rows(fd: &OwnedFd) -> Result<Vec<Row>, Errno> {
@@ -222,7 +243,7 @@ pub fn bound_on(proto: Proto, addr: SocketAddr) -> Option<Vec<u64>> {
         Proto::Udp => TCP_CLOSE,
     };
     let port = addr.port();
-    let rows = sockets(proto, Family::of(addr), bit(state), port..=port).ok()?;
+    let rows = sockets(proto, Family::of(addr), bit(state), &[port]).ok()?;
     Some(
         rows.into_iter()
             .filter(|r| r.local == addr && r.inode != 0)
@@ -231,39 +252,32 @@ pub fn bound_on(proto: Proto, addr: SocketAddr) -> Option<Vec<u64>> {
     )
 }
 
-/// The span of `ports` for the kernel's filter (the rows outside `ports` are dropped here).
-fn span(ports: &[u16]) -> Option<RangeInclusive<u16>> {
-    Some(*ports.iter().min()?..=*ports.iter().max()?)
-}
-
 /// The handshakes in progress to one of `ports`, over IPv4 and IPv6: (local port, client).
-pub fn handshakes(ports: &[u16]) -> HashSet<(u16, SocketAddr)> {
-    let Some(span) = span(ports) else {
-        return HashSet::new();
-    };
-    sockets(Proto::Tcp, Family::Any, bit(TCP_SYN_RECV), span)
-        .unwrap_or_default()
+pub fn handshakes(ports: &[u16]) -> Result<HashSet<(u16, SocketAddr)>, Errno> {
+    if ports.is_empty() {
+        return Ok(HashSet::new());
+    }
+    Ok(sockets(Proto::Tcp, Family::Any, bit(TCP_SYN_RECV), ports)?
         .into_iter()
-        .filter(|r| ports.contains(&r.local.port()))
         .map(|r| (r.local.port(), r.remote))
-        .collect()
+        .collect())
 }
 
 /// Which of the sockets `inodes` are TCP connections to one of `ports` (from established to
-/// closing; not the listeners, handshakes or `TIME_WAIT`s).
-pub fn connections(ports: &[u16], inodes: &HashSet<u64>) -> HashSet<u64> {
-    let Some(span) = span(ports) else {
-        return HashSet::new();
-    };
+/// closing; not the listeners, handshakes or `TIME_WAIT`s). A connection its processes closed
+/// has no inode any more, so it is not among them.
+pub fn connections(ports: &[u16], inodes: &HashSet<u64>) -> Result<HashSet<u64>, Errno> {
+    if ports.is_empty() || inodes.is_empty() {
+        return Ok(HashSet::new());
+    }
     let states = (TCP_ESTABLISHED..=TCP_CLOSING)
         .filter(|&s| ![TCP_SYN_RECV, TCP_TIME_WAIT, TCP_CLOSE, TCP_LISTEN].contains(&s))
         .fold(0, |m, s| m | bit(s));
-    sockets(Proto::Tcp, Family::Any, states, span)
-        .unwrap_or_default()
+    Ok(sockets(Proto::Tcp, Family::Any, states, ports)?
         .into_iter()
-        .filter(|r| ports.contains(&r.local.port()) && inodes.contains(&r.inode))
+        .filter(|r| inodes.contains(&r.inode))
         .map(|r| r.inode)
-        .collect()
+        .collect())
 }
 
 /// The socket inodes the processes `pids` hold.
@@ -322,20 +336,45 @@ mod tests {
         // Both families in one dump; only the ports asked for.
         let ports = [addr.port(), v6_addr.port()];
         let both = HashSet::from([inode(&accepted), inode(&v6_accepted)]);
-        assert_eq!(connections(&ports, &mine), both);
+        assert_eq!(connections(&ports, &mine).unwrap(), both);
         assert_eq!(
-            connections(&[addr.port()], &mine),
+            connections(&[addr.port()], &mine).unwrap(),
             HashSet::from([inode(&accepted)])
         );
         // Someone else's inodes: not counted.
-        assert!(connections(&ports, &HashSet::from([1, 2])).is_empty());
+        assert!(
+            connections(&ports, &HashSet::from([1, 2]))
+                .unwrap()
+                .is_empty()
+        );
         drop(accepted);
         let mine = socket_inodes(&[std::process::id() as i32]);
         assert_eq!(
-            connections(&ports, &mine),
+            connections(&ports, &mine).unwrap(),
             HashSet::from([inode(&v6_accepted)])
         );
         drop((client, v6_client));
+    }
+
+    #[test]
+    fn the_port_filter_keeps_exactly_the_ports_asked_for() {
+        let listeners: Vec<TcpListener> = (0..4)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let port = |i: usize| listeners[i].local_addr().unwrap().port();
+        for asked in [vec![0], vec![0, 2], vec![3, 1, 2], vec![0, 1, 2, 3]] {
+            let ports: Vec<u16> = asked.iter().map(|&i| port(i)).collect();
+            let mut got: Vec<u64> = sockets(Proto::Tcp, Family::Any, bit(TCP_LISTEN), &ports)
+                .unwrap()
+                .into_iter()
+                .filter(|r| listeners.iter().any(|l| inode(l) == r.inode))
+                .map(|r| r.inode)
+                .collect();
+            got.sort_unstable();
+            let mut want: Vec<u64> = asked.iter().map(|&i| inode(&listeners[i])).collect();
+            want.sort_unstable();
+            assert_eq!(got, want, "ports {ports:?}");
+        }
     }
 
     #[test]
@@ -351,7 +390,7 @@ mod tests {
             .iter()
             .map(|l| l.local_addr().unwrap().port())
             .collect();
-        assert!(handshakes(&ports).is_empty());
+        assert!(handshakes(&ports).unwrap().is_empty());
         let mut clients: Vec<TcpStream> = listeners
             .iter()
             .map(|l| TcpStream::connect(l.local_addr().unwrap()).unwrap())
@@ -360,16 +399,16 @@ mod tests {
             .iter()
             .map(|c| (c.peer_addr().unwrap().port(), c.local_addr().unwrap()))
             .collect();
-        assert_eq!(handshakes(&ports), expected);
-        assert_eq!(handshakes(&ports[..1]).len(), 1);
+        assert_eq!(handshakes(&ports).unwrap(), expected);
+        assert_eq!(handshakes(&ports[..1]).unwrap().len(), 1);
         // Data completes it into the accept queue: no longer a handshake.
         use std::io::Write;
         clients[0].write_all(b"x").unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while handshakes(&ports[..1]).len() == 1 {
+        while handshakes(&ports[..1]).unwrap().len() == 1 {
             assert!(std::time::Instant::now() < deadline, "still in SYN_RECV");
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert_eq!(handshakes(&ports).len(), 1);
+        assert_eq!(handshakes(&ports).unwrap().len(), 1);
     }
 }

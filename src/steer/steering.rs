@@ -119,7 +119,17 @@ pub struct GroupRecord {
 struct Pending {
     generation: GenId,
     clients: HashSet<(u16, SocketAddr)>,
+    /// When traffic moved (grace's clock).
+    since: u64,
 }
+
+/// How long the handshakes in progress at a switch are waited for. A client that is there
+/// completes its handshake within a round trip (its data carries the ACK even if the ACK itself
+/// was lost); one still in `SYN_RECV` after this is most likely gone (a scanner, a spoofed SYN:
+/// the kernel resends its SYN-ACK for about a minute), and waiting for it would hold the old
+/// generation for the whole drain timeout. The snapshot is taken just after the switch, so it may
+/// also name handshakes to the new generation: they end as fast.
+pub(super) const HANDSHAKE_WAIT: u64 = 2_000;
 
 /// A finishing generation's connections to the steered ports, still open at its last idle check
 /// (by inode).
@@ -135,6 +145,9 @@ pub struct Steering {
     pending: Vec<Pending>,
     /// What the idle checks found of each finishing generation's connections.
     open: Vec<Connections>,
+    /// `net.ipv4.tcp_migrate_req` is on: a closing member's queue can move to a member of a
+    /// generation in its idle wait, which then accepts new connections after all.
+    migrates: bool,
     /// What was found while starting a generation, said at the next steer or collect.
     logs: Vec<String>,
 }
@@ -143,7 +156,11 @@ impl Steering {
     /// Decides, for each listener, whether it is steered; returns the lines to log about those
     /// that cannot be (shared by every generation, as before).
     pub fn new(listeners: &[Listener]) -> (Self, Vec<String>) {
-        let mut steering = Steering::default();
+        let mut steering = Steering {
+            migrates: std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+                .is_ok_and(|v| v.trim() == "1"),
+            ..Steering::default()
+        };
         let mut logs = Vec::new();
         for (i, l) in listeners.iter().enumerate() {
             match steerable(l) {
@@ -319,7 +336,13 @@ impl Steering {
         // One look at the kernel's table for every port moved (it costs the same for one).
         if !moved.is_empty() {
             let ports: Vec<u16> = moved.iter().map(|&(_, port)| port).collect();
-            let now = diag::handshakes(&ports);
+            let now = diag::handshakes(&ports).unwrap_or_else(|e| {
+                logs.push(format!(
+                    "the handshakes in progress at the switch are unknown ({}): not waited for",
+                    e.desc()
+                ));
+                HashSet::new()
+            });
             for &(generation, _) in &moved {
                 if self.pending.iter().any(|p| p.generation == generation) {
                     continue;
@@ -332,6 +355,7 @@ impl Steering {
                 self.pending.push(Pending {
                     generation,
                     clients,
+                    since: sys::now(),
                 });
             }
         }
@@ -385,7 +409,7 @@ impl Steering {
     /// What still waits for `generation` in its sockets: connections in their accept queues,
     /// datagrams in their receive queues, and handshakes that were in progress when traffic moved
     /// away from it (they complete into its queue).
-    pub fn queued(&mut self, listeners: &[Listener], generation: GenId) -> usize {
+    pub fn queued(&mut self, listeners: &[Listener], generation: GenId) -> (usize, Option<String>) {
         let mut n = 0usize;
         for g in &self.groups {
             for s in g.sockets.iter().filter(|s| s.owner == Some(generation)) {
@@ -399,35 +423,55 @@ impl Steering {
                 };
             }
         }
+        let mut log = None;
         if let Some(p) = self
             .pending
             .iter_mut()
             .find(|p| p.generation == generation && !p.clients.is_empty())
         {
-            let ports: Vec<u16> = p.clients.iter().map(|&(port, _)| port).collect();
-            let now = diag::handshakes(&ports);
-            p.clients.retain(|c| now.contains(c));
-            n += p.clients.len();
+            if sys::now().saturating_sub(p.since) > HANDSHAKE_WAIT {
+                log = Some(format!(
+                    "generation {generation}: {} handshakes still incomplete {}s after the switch: not waited for",
+                    p.clients.len(),
+                    HANDSHAKE_WAIT / 1000
+                ));
+                p.clients.clear();
+            } else {
+                let ports: Vec<u16> = p.clients.iter().map(|&(port, _)| port).collect();
+                // Unknown this time: still counted, until they complete or the bound.
+                if let Ok(now) = diag::handshakes(&ports) {
+                    p.clients.retain(|c| now.contains(c));
+                }
+                n += p.clients.len();
+            }
         }
-        n
+        (n, log)
     }
 
     /// How many connections to the steered TCP ports `generation` still has open. At the first
     /// check, `held` lists the sockets its processes hold (a scan of their descriptors), and the
     /// kernel's table says which are connections to the ports; after that only the kernel is
     /// asked which of those are still open and held (a closed one loses its inode), so a check
-    /// costs one walk of the table, not one `readlink` per descriptor. No connection can be added:
-    /// the idle wait begins once the generation's queues are empty, and its sockets get no new
-    /// ones.
+    /// costs one walk of the table, not one `readlink` per descriptor. That is exact because its
+    /// idle wait begins once its queues are empty and its sockets get no new connection, unless
+    /// `tcp_migrate_req` can move another member's queue onto them: then every check scans.
+    /// When the kernel cannot be asked, the last answer stands (or every socket it holds counts,
+    /// at the first check), so a failure never ends the wait early.
     pub fn open_connections(
         &mut self,
         generation: GenId,
-        held: impl FnOnce() -> HashSet<u64>,
+        mut held: impl FnMut() -> HashSet<u64>,
     ) -> usize {
         let ports = self.tcp_ports();
-        if let Some(c) = self.open.iter_mut().find(|c| c.generation == generation) {
-            if !c.open.is_empty() {
-                c.open = diag::connections(&ports, &c.open);
+        let known = self.open.iter().position(|c| c.generation == generation);
+        if let Some(i) = known
+            && !self.migrates
+        {
+            let c = &mut self.open[i];
+            if !c.open.is_empty()
+                && let Ok(open) = diag::connections(&ports, &c.open)
+            {
+                c.open = open;
             }
             return c.open.len();
         }
@@ -437,13 +481,14 @@ impl Steering {
                 held.remove(&m.inode());
             }
         }
-        let open = if held.is_empty() {
-            HashSet::new()
-        } else {
-            diag::connections(&ports, &held)
+        let Ok(open) = diag::connections(&ports, &held) else {
+            return known.map_or(held.len(), |i| self.open[i].open.len());
         };
         let n = open.len();
-        self.open.push(Connections { generation, open });
+        match known {
+            Some(i) => self.open[i].open = open,
+            None => self.open.push(Connections { generation, open }),
+        }
         n
     }
 

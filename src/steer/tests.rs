@@ -377,7 +377,7 @@ fn an_old_generations_open_connections_are_counted_until_it_closes_them() {
         fds.iter().map(|fd| inode(fd.as_fd()).unwrap()).collect()
     };
     let all = held(&[&old, &accepted[0], &accepted[1], &a]);
-    assert_eq!(steering.open_connections(1, || all), 2);
+    assert_eq!(steering.open_connections(1, || all.clone()), 2);
     // Later checks ask the kernel only: one closed, then the other.
     let [first, second] = <[OwnedFd; 2]>::try_from(accepted).unwrap();
     let second_ino = inode(second.as_fd()).unwrap();
@@ -436,4 +436,41 @@ fn members_left_behind_by_overlapping_generations_close_at_the_next_handover() {
     steering.collect(&listeners, &[4]);
     assert_eq!(steering.group_sizes(), vec![(0, 1)]);
     assert_eq!(lands_on(std::slice::from_ref(&four), to, None, true), 0);
+}
+
+#[test]
+fn handshakes_in_progress_at_the_switch_are_waited_for_a_bounded_time() {
+    use crate::listen::{BindOptions, ListenSpec, bind_all};
+    let specs: Vec<ListenSpec> = vec!["127.0.0.1:0".parse().unwrap()];
+    let mut listeners = bind_all(&specs, &BindOptions::default()).unwrap();
+    let (_, to) = listeners[0].local.inet().unwrap();
+    let (mut steering, _) = Steering::new(&listeners);
+    let old = server_copy(steering.sockets_for(&listeners, 1, true).unwrap()[0]);
+    // A client whose handshake stays in progress (completed, held until it sends data).
+    sys::defer_accept(old.as_fd(), 30).unwrap();
+    let client = TcpStream::connect(to).unwrap();
+    let _new = server_copy(steering.sockets_for(&listeners, 2, false).unwrap()[0]);
+    steering.steer(&mut listeners, 2);
+    assert_eq!(steering.queued(&listeners, 1), (1, None));
+    // It completes into the old generation's queue: that counts now.
+    use std::io::Write;
+    (&client).write_all(b"x").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while steering.queued(&listeners, 1).0 != 1 || sys::accept_queue_len(old.as_fd()).unwrap() != 1
+    {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(nix::sys::socket::accept(old.as_fd()).is_ok());
+    assert_eq!(steering.queued(&listeners, 1), (0, None));
+    // One that never completes is waited for only so long.
+    let _other = server_copy(steering.sockets_for(&listeners, 3, false).unwrap()[0]);
+    sys::defer_accept(listeners[0].fd.as_fd(), 30).unwrap();
+    let _late = TcpStream::connect(to).unwrap();
+    steering.steer(&mut listeners, 3);
+    assert_eq!(steering.queued(&listeners, 2).0, 1);
+    std::thread::sleep(Duration::from_millis(super::steering::HANDSHAKE_WAIT + 100));
+    let (n, log) = steering.queued(&listeners, 2);
+    assert_eq!(n, 0);
+    assert!(log.is_some_and(|l| l.contains("1 handshakes still incomplete")));
 }
