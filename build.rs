@@ -17,7 +17,10 @@ fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR")).join("libgrace_preload.so");
     let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
-    if os != "linux" || !SUPPORTED_ARCHES.contains(&arch.as_str()) {
+    // A static (musl) grace cannot preload a shared library into anything: it has the seccomp
+    // substitution only.
+    let env_ = env::var("CARGO_CFG_TARGET_ENV").unwrap_or_default();
+    if os != "linux" || !SUPPORTED_ARCHES.contains(&arch.as_str()) || env_ == "musl" {
         // grace then reports that injection is not available on this platform.
         std::fs::write(&out, b"").expect("writing an empty preload library");
         return;
