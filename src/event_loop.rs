@@ -27,7 +27,7 @@ use crate::spawn;
 use crate::status;
 use crate::steer;
 use crate::supervisor::{Action, Event, GenId, Level, Phase, Supervisor, Wait};
-use crate::sys::{self, now};
+use crate::sys::{self, now, seccomp};
 use crate::systemd;
 use crate::throttle::Throttle;
 
@@ -130,6 +130,7 @@ impl EventLoop {
         let mut fds: Vec<PollFd> = [self.signals.as_fd(), self.held.notify.as_fd()]
             .into_iter()
             .chain(self.held.control.poll_fds(t))
+            .chain(self.held.substitution.poll_fds())
             .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
             .chain(
                 self.probes
@@ -161,6 +162,10 @@ impl EventLoop {
                 Some(SignalEvent::ChildExited) | None => {}
             }
         }
+        // A server's bind waits for this: first.
+        self.held
+            .substitution
+            .service(&self.held.listeners, &self.held.steering);
         let t = now();
         let mut more = Vec::new();
         self.held.control.service(t, &mut more);
@@ -358,20 +363,51 @@ impl EventLoop {
             generation,
             &self.args.compat,
         );
-        let planned =
-            inject::apply(&self.args, &program, &self.held.listeners, &mut env).and_then(|()| {
-                spawn::plan(
-                    &program,
-                    &self.args.command,
-                    env,
-                    !self.args.no_listen_pid,
-                    fds,
-                )
-            });
+        let mechanism = inject::mechanism(self.args.inject);
+        let preloaded = match mechanism {
+            inject::Mechanism::Preload => {
+                inject::apply(&self.args, &program, &self.held.listeners, &mut env)
+            }
+            _ => Ok(()),
+        };
+        let planned = preloaded.and_then(|()| {
+            spawn::plan(
+                &program,
+                &self.args.command,
+                env,
+                !self.args.no_listen_pid,
+                fds,
+            )
+        });
+        // The child sends its filter's notification descriptor over this pair before it execs.
+        let channel = match mechanism {
+            inject::Mechanism::Seccomp { no_new_privs }
+                if self.held.listeners.iter().any(|l| l.local.inet().is_some()) =>
+            {
+                match nix::sys::socket::socketpair(
+                    nix::sys::socket::AddressFamily::Unix,
+                    nix::sys::socket::SockType::Datagram,
+                    None,
+                    nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+                ) {
+                    Ok(pair) => Some((pair, no_new_privs)),
+                    Err(e) => {
+                        return failed(
+                            format!("a channel for the bind filter: {}", e.desc()),
+                            exit::FAILURE,
+                        );
+                    }
+                }
+            }
+            _ => None,
+        };
         let cgroup = self.members.prepare(generation);
         let spawned = match planned {
             Ok(mut plan) => {
                 plan.die_with_grace(self.args.stop_signal);
+                if let Some(((_, theirs), no_new_privs)) = &channel {
+                    plan.filter_binds(theirs.as_fd(), *no_new_privs);
+                }
                 if let Some((dir, procs)) = &cgroup {
                     plan.join_cgroup(dir.as_fd(), procs.as_fd());
                 }
@@ -388,6 +424,15 @@ impl EventLoop {
         match spawned {
             Ok(pid) => {
                 info!("started generation {generation}: {}", program.display());
+                if let Some(((ours, _), _)) = &channel {
+                    match seccomp::receive_listener(ours.as_fd()) {
+                        Ok(fd) => self.held.substitution.add(generation, fd),
+                        Err(e) => warn!(
+                            "generation {generation}: no bind filter descriptor ({}): its binds are not substituted",
+                            e.desc()
+                        ),
+                    }
+                }
                 self.held.pidfds.open(pid.as_raw());
                 if cgroup.is_some() {
                     self.members.joined(generation, pid.as_raw());
@@ -453,6 +498,7 @@ impl EventLoop {
         for line in self.held.steering.collect(&self.held.listeners, &live) {
             self.untrusted.warn(now(), line);
         }
+        self.held.substitution.collect(&live);
         // The cgroups on disk are looked at only when the set of generations changed.
         let ids: Vec<GenId> = sup.generations().iter().map(|g| g.id).collect();
         if ids != self.known_gens {

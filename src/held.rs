@@ -14,6 +14,7 @@ use crate::listen::Listener;
 use crate::notify::NotifySocket;
 use crate::pidfds::Pidfds;
 use crate::steer::{GroupRecord, Steering};
+use crate::substitute::Substitution;
 use crate::sys;
 
 pub struct Held {
@@ -23,6 +24,8 @@ pub struct Held {
     pub notify: NotifySocket,
     pub control: ControlServer,
     pub pidfds: Pidfds,
+    /// The generations' `bind` filters.
+    pub substitution: Substitution,
 }
 
 impl Held {
@@ -76,6 +79,11 @@ impl Held {
             .chain(library)
             .chain(pidfds)
             .chain(self.steering.carried())
+            .chain(
+                self.substitution
+                    .carried()
+                    .map(|(fd, generation)| (fd, Role::Filter { generation })),
+            )
             .collect()
     }
 
@@ -99,6 +107,7 @@ impl Held {
         let mut sockets = Vec::new();
         let mut clients = Vec::new();
         let mut pidfds = Vec::new();
+        let mut substitution = Substitution::default();
         for Carried { fd, role } in carried {
             let owned = sys::adopt_fd(*fd).with_context(|| format!("adopting fd {fd}"))?;
             sys::set_cloexec(owned.as_fd(), true)?;
@@ -131,6 +140,7 @@ impl Held {
                 Role::Library => inject::adopt_library(owned),
                 Role::Pidfd { pid } => pidfds.push((pid, owned)),
                 Role::Member { listener, owner } => members.push((owned, listener, owner)),
+                Role::Filter { generation } => substitution.add(generation, owned),
             }
         }
         let steering = Steering::adopt(&listeners, groups, members)
@@ -141,6 +151,7 @@ impl Held {
             notify: notify.context("the handoff record has no notify socket")?,
             control: ControlServer::adopt(sockets, clients)?,
             pidfds: Pidfds::adopt(pidfds),
+            substitution,
         })
     }
 

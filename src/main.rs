@@ -24,6 +24,7 @@ mod signals;
 mod spawn;
 mod status;
 mod steer;
+mod substitute;
 mod supervisor;
 mod sys;
 mod systemd;

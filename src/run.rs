@@ -80,12 +80,16 @@ fn bind(args: &RunArgs) -> anyhow::Result<Held> {
     for line in shared {
         info!("{line}");
     }
+    if listeners.iter().any(|l| l.local.inet().is_some()) {
+        inject::announce(inject::mechanism(args.inject));
+    }
     Ok(Held {
         listeners,
         steering,
         notify: NotifySocket::create()?,
         control: ControlServer::open(args.control.as_deref())?,
         pidfds: Pidfds::default(),
+        substitution: Default::default(),
     })
 }
 

@@ -27,9 +27,9 @@ use crate::supervisor::{ClientId, GenId, Millis, STATE_KEYS, State};
 /// Version 3: the supervisor's whole state, one `fd` line per descriptor with its role, and one
 /// `group` line per steered listener (version 2 had no steered sockets: its listeners are
 /// adopted as shared ones).
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Versions this binary can adopt.
-pub const READABLE: &[u32] = &[2, 3];
+pub const READABLE: &[u32] = &[2, 3, 4];
 pub const ENV: &str = "GRACE_HANDOFF";
 /// Set for the check run of a new binary (see the module documentation).
 pub const CHECK_ENV: &str = "GRACE_HANDOFF_CHECK";
@@ -70,6 +70,8 @@ pub enum Role {
         listener: usize,
         owner: Option<GenId>,
     },
+    /// The notification descriptor of a generation's `bind` filter (bind substitution).
+    Filter { generation: GenId },
 }
 
 /// One descriptor that survives the exec.
@@ -120,6 +122,7 @@ impl Record {
                 Role::Library => "library".to_string(),
                 Role::Pidfd { pid } => format!("pidfd {pid}"),
                 Role::Member { listener, owner } => format!("member {listener} {}", opt(*owner)),
+                Role::Filter { generation } => format!("filter {generation}"),
             };
             let _ = writeln!(s, "fd {fd} {role}");
         }
@@ -287,7 +290,19 @@ impl Record {
                 };
                 let kind = crate::sys::fd_kind(c.fd)
                     .map_err(|e| format!("handoff record refused: fd {}: {e}", c.fd))?;
-                if !grouped.contains(&listener) || !fits(listeners[listener], kind) {
+                // A member may have stopped listening: a server's shutdown(2) takes its own
+                // socket out of the group (it is closed once its generation is gone).
+                let stopped = match kind {
+                    crate::sys::FdKind::Socket { family, stream, .. } => {
+                        crate::sys::FdKind::Socket {
+                            family,
+                            stream,
+                            listening: true,
+                        }
+                    }
+                    other => other,
+                };
+                if !grouped.contains(&listener) || !fits(listeners[listener], stopped) {
                     return refuse(format!(
                         "fd {} is not a member of listener {listener}",
                         c.fd
@@ -301,7 +316,7 @@ impl Record {
 
 /// Whether an fd of this kind can play `role`.
 fn fits(role: &Role, kind: crate::sys::FdKind) -> bool {
-    use crate::sys::FdKind::{Pidfd, RegularFile, Socket};
+    use crate::sys::FdKind::{Pidfd, RegularFile, SeccompNotify, Socket};
     const UNIX: i32 = nix::libc::AF_UNIX;
     match (role, kind) {
         (
@@ -348,6 +363,7 @@ fn fits(role: &Role, kind: crate::sys::FdKind) -> bool {
         ) => family == UNIX,
         (Role::Library, RegularFile) => true,
         (Role::Pidfd { .. }, Pidfd) => true,
+        (Role::Filter { .. }, SeccompNotify) => true,
         // Checked against its listener's kind.
         (Role::Member { .. }, Socket { .. }) => true,
         _ => false,
@@ -367,6 +383,7 @@ fn what(role: &Role) -> &'static str {
         Role::Library => "a regular file",
         Role::Pidfd { .. } => "a pidfd",
         Role::Member { .. } => "a socket",
+        Role::Filter { .. } => "a seccomp notification descriptor",
     }
 }
 
@@ -405,6 +422,9 @@ fn role_of(f: &Fields<'_>) -> Result<Role, String> {
         "member" => Role::Member {
             listener: f.num(3)?,
             owner: f.opt_num(4)?,
+        },
+        "filter" => Role::Filter {
+            generation: f.num(3)?,
         },
         _ => return Err(f.bad()),
     })

@@ -144,7 +144,7 @@ fn round_trip_and_validates() {
     let (fds, kids) = fixture();
     let record = sample(&fds, &kids);
     let text = record.encode();
-    assert!(text.starts_with("grace-handoff 3\n"));
+    assert!(text.starts_with("grace-handoff 4\n"));
     assert!(!text.contains("a b"), "spaces must be escaped: {text}");
     let decoded = Record::decode(&text).unwrap();
     assert_eq!(decoded, record);
@@ -156,7 +156,7 @@ fn refuses_unknown_versions() {
     let (fds, kids) = fixture();
     let text = sample(&fds, &kids)
         .encode()
-        .replacen("grace-handoff 3", "grace-handoff 1", 1);
+        .replacen("grace-handoff 4", "grace-handoff 1", 1);
     let err = Record::decode(&text).unwrap_err();
     assert!(err.contains("version 1 is not supported"), "{err}");
     assert!(Record::decode("hello").unwrap_err().contains("bad header"));

@@ -172,8 +172,56 @@ fn note(reason: &str) -> bool {
 /// The start-up check: `--inject always` with a command that cannot load the library is
 /// refused before anything is bound or started. (Other decisions are logged at the spawn, so
 /// that a refusal for another reason stays one line.)
+/// How a bind of a held address reaches grace's socket in this run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// `--inject never`.
+    Off,
+    /// A seccomp filter in every generation (see `substitute`); `no_new_privs` when grace is not
+    /// root (the kernel requires it of an unprivileged process installing a filter).
+    Seccomp { no_new_privs: bool },
+    /// The preload library, where the kernel cannot do the former (before Linux 5.9).
+    Preload,
+}
+
+/// Chooses the mechanism for this run, and says which and why, once.
+pub fn mechanism(mode: InjectMode) -> Mechanism {
+    if mode == InjectMode::Never {
+        return Mechanism::Off;
+    }
+    match crate::substitute::supported() {
+        Ok(()) => Mechanism::Seccomp {
+            no_new_privs: !nix::unistd::geteuid().is_root(),
+        },
+        Err(why) => {
+            debug!(
+                "{why}: binds are substituted by the preload library, for dynamically linked servers only"
+            );
+            Mechanism::Preload
+        }
+    }
+}
+
+/// Says at start how a server's bind of a --listen address is handled.
+pub fn announce(mechanism: Mechanism) {
+    match mechanism {
+        Mechanism::Off => {
+            info!("--inject never: a server that binds a --listen address itself finds it in use")
+        }
+        Mechanism::Seccomp {
+            no_new_privs: false,
+        } => info!(
+            "a server's bind of a --listen address gets grace's socket (seccomp user notification; grace is root, so no no_new_privs)"
+        ),
+        Mechanism::Seccomp { no_new_privs: true } => info!(
+            "a server's bind of a --listen address gets grace's socket (seccomp user notification): the server runs with no_new_privs, which an unprivileged filter requires, so set-user-ID programs it starts gain no privileges (--inject never to run it without)"
+        ),
+        Mechanism::Preload => {}
+    }
+}
+
 pub fn check(args: &RunArgs, program: &Path) -> anyhow::Result<()> {
-    if args.inject != InjectMode::Always {
+    if args.inject != InjectMode::Always || mechanism(args.inject) != Mechanism::Preload {
         return Ok(());
     }
     match decide(args.inject, program) {

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use super::SocketKind;
 
 /// The transport of an internet socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Proto {
     Tcp,
     Udp,

@@ -362,6 +362,23 @@ impl Steering {
         logs
     }
 
+    /// The socket `generation` has for listener `listener`: its own member, or the listener's
+    /// descriptor (shared, or the target it took over).
+    pub fn socket_of<'a>(
+        &'a self,
+        listeners: &'a [Listener],
+        generation: GenId,
+        listener: usize,
+    ) -> BorrowedFd<'a> {
+        self.groups
+            .iter()
+            .find(|g| g.listener == listener)
+            .and_then(|g| g.sockets.iter().find(|s| s.owner == Some(generation)))
+            .map_or(listeners[listener].fd.as_fd(), |s| {
+                s.borrow(&listeners[listener])
+            })
+    }
+
     /// Where `generation`'s readiness probe connects (the first steered TCP listener, over
     /// loopback) and the socket whose queue shows whether the server accepted it.
     pub fn probe_target<'a>(

@@ -9,6 +9,11 @@ use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::libc;
 use nix::unistd::Pid;
 
+pub mod seccomp;
+
+/// The `bind` filter, built at compile time: the child installs it without allocating.
+static BIND_PROGRAM: seccomp::Program = seccomp::bind_program();
+
 /// Everything the child needs, allocated before `fork` so that the child allocates nothing.
 pub struct ExecPlan {
     program: CString,
@@ -37,6 +42,10 @@ struct ChildSetup {
     cgroup_procs: RawFd,
     /// The pipe on which a failed `execve` reports its errno (set by `spawn`).
     report: RawFd,
+    /// Where to send the notification descriptor of the `bind` filter it installs, or -1 for
+    /// none (see `seccomp`); and whether it sets `no_new_privs` first.
+    bind_filter: RawFd,
+    no_new_privs: bool,
 }
 
 /// Room for `LISTEN_PID=` plus the digits of any pid and the terminating NUL.
@@ -69,6 +78,8 @@ impl ExecPlan {
                 parent: 0,
                 cgroup_procs: -1,
                 report: -1,
+                bind_filter: -1,
+                no_new_privs: false,
             },
         }
     }
@@ -78,6 +89,13 @@ impl ExecPlan {
     pub fn die_with_grace(&mut self, signal: nix::sys::signal::Signal) {
         self.setup.death_signal = signal as libc::c_int;
         self.setup.parent = std::process::id() as libc::pid_t;
+    }
+
+    /// The child installs the `bind` filter (`seccomp`) just before `execve` and sends its
+    /// notification descriptor over `channel`, which must stay open until `spawn` returns.
+    pub fn filter_binds(&mut self, channel: BorrowedFd<'_>, no_new_privs: bool) {
+        self.setup.bind_filter = channel.as_raw_fd();
+        self.setup.no_new_privs = no_new_privs;
     }
 
     /// The child moves itself into the cgroup whose `cgroup.procs` this is, before it execs (so
@@ -288,7 +306,7 @@ unsafe fn child_exec(
         // another that is still to be placed; then dup2 each onto 3+i (dup2 clears FD_CLOEXEC on
         // exactly those).
         let target_end = 3 + fds.len() as RawFd;
-        let mut floor = target_end.max(report + 1);
+        let mut floor = target_end.max(report + 1).max(setup.bind_filter + 1);
         for &fd in fds {
             floor = floor.max(fd + 1);
         }
@@ -297,6 +315,16 @@ unsafe fn child_exec(
             // Without the pipe the parent cannot learn why; it sees this status instead.
             libc::_exit(crate::exit::FAILURE);
         }
+        // The filter's channel too, out of the way of the sockets placed at 3, 4, …
+        let bind_filter = if setup.bind_filter >= 0 {
+            let fd = libc::fcntl(setup.bind_filter, libc::F_DUPFD_CLOEXEC, floor);
+            if fd < 0 {
+                fail(report);
+            }
+            fd
+        } else {
+            -1
+        };
         for (i, &fd) in fds.iter().enumerate() {
             scratch[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor);
             if scratch[i] < 0 {
@@ -331,6 +359,14 @@ unsafe fn child_exec(
             write_decimal(listen_pid_digits, libc::getpid() as u64);
         }
 
+        // Last, so that nothing above is reported to grace.
+        if bind_filter >= 0 {
+            let rc = seccomp::install_in_child(&BIND_PROGRAM, setup.no_new_privs, bind_filter);
+            if rc != 0 {
+                *libc::__errno_location() = rc;
+                fail(report);
+            }
+        }
         libc::execve(program.as_ptr(), argv.as_ptr(), env.as_ptr().cast());
         fail(report)
     }
@@ -579,6 +615,8 @@ pub enum FdKind {
     },
     /// A pidfd (a signal 0 through it is understood).
     Pidfd,
+    /// A seccomp filter's notification descriptor.
+    SeccompNotify,
     RegularFile,
     Other,
 }
@@ -626,7 +664,15 @@ pub fn fd_kind(fd: RawFd) -> Result<FdKind, Errno> {
             };
             match Errno::result(rc) {
                 Ok(_) | Err(Errno::ESRCH) | Err(Errno::EPERM) => Ok(FdKind::Pidfd),
-                Err(_) => Ok(FdKind::Other),
+                Err(_) => {
+                    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"));
+                    Ok(match link {
+                        Ok(l) if l.as_os_str() == "anon_inode:seccomp notify" => {
+                            FdKind::SeccompNotify
+                        }
+                        _ => FdKind::Other,
+                    })
+                }
             }
         }
     }
@@ -642,6 +688,25 @@ pub fn parent_of(pid: i32) -> Option<i32> {
 
 /// A pidfd for `pid` (Linux 5.3+), close-on-exec. Signals sent through it reach that process or
 /// nobody: once it is reaped, a recycled pid is a different process.
+/// A copy of descriptor `fd` of the process thread `tid` belongs to (`pidfd_getfd`, Linux 5.6),
+/// close-on-exec.
+pub fn fd_of(tid: i32, fd: RawFd) -> Result<OwnedFd, Errno> {
+    let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Tgid:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(tid);
+    let pidfd = pidfd_open(tgid)?;
+    // SAFETY: no pointers; the kernel returns a new descriptor (close-on-exec) or -1.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    let got = Errno::result(got)?;
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) })
+}
+
 pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
     // SAFETY: pidfd_open takes two integers and returns a new fd (or -1) that we now own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
