@@ -275,9 +275,16 @@ impl EventLoop {
                     }
                     Wait::Idle => {
                         let members = &self.members;
-                        self.held.steering.open_connections(generation, || {
-                            steer::socket_inodes(&members.pids(generation, pid))
-                        })
+                        let n = self.held.steering.open_connections(generation, || {
+                            let pids = members.pids(generation, pid);
+                            let held = steer::socket_inodes(&pids);
+                            debug!(
+                                "generation {generation}: processes {pids:?} hold sockets {held:?}"
+                            );
+                            held
+                        });
+                        debug!("generation {generation}: {n} connections open");
+                        n
                     }
                 };
                 events.push_back(Event::Measured {

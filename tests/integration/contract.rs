@@ -242,3 +242,49 @@ fn a_probe_with_only_shared_sockets_gets_a_private_socket() {
     assert_eq!(r.fdaddr[&4], r.env["GRACE_PROBE_ADDR"]);
     assert!(r.env["GRACE_PROBE_ADDR"].starts_with("127.0.0.1:"));
 }
+
+/// With default flags, a Python server (which `--inject auto` once preloaded a library into)
+/// sees no trace of bind substitution: no grace-internal variable, no `LD_PRELOAD`; and a helper
+/// it runs as another user says nothing on its stderr (a preload the loader cannot open made it
+/// print an error).
+#[test]
+fn a_python_server_and_its_helpers_see_no_trace_of_substitution() {
+    let python = crate::harness::require("/usr/bin/python3", "python3");
+    let dir = temp_dir("contract-python");
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&dir).unwrap().permissions(),
+        0o755,
+    );
+    let out = dir.join("out");
+    let script = r#"
+import os, subprocess, sys
+seen = sorted(k for k in os.environ if k.startswith("GRACE_INJECT") or k == "LD_PRELOAD")
+helper = subprocess.run([sys.executable, "-c", "print('helper ran')"], user="nobody",
+                        capture_output=True, text=True, cwd="/")
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write("vars=" + ",".join(seen) + "\n")
+    f.write("helper_out=" + helper.stdout.strip() + "\n")
+    f.write("helper_err=" + helper.stderr.replace("\n", " ") + "\n")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+import time
+time.sleep(60)
+"#;
+    let grace = Grace::start(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--",
+        python,
+        "-c",
+        script,
+        out.to_str().unwrap(),
+    ]);
+    let text = wait_for("the server's report", T, || {
+        std::fs::read_to_string(&out).ok()
+    });
+    assert!(text.contains("vars=\n"), "{text}");
+    assert!(text.contains("helper_out=helper ran\n"), "{text}");
+    assert!(text.contains("helper_err=\n"), "{text}");
+    drop(grace);
+    let _ = std::fs::remove_dir_all(&dir);
+}

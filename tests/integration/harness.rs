@@ -33,13 +33,18 @@ pub fn require(path: &str, package: &str) -> &'static str {
     path.to_string().leak()
 }
 
+/// The grace under test: the one cargo built, or `GRACE_TEST_BIN` (CI runs part of the suite on
+/// the static musl build that way).
 pub fn grace_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_grace"))
+    std::env::var_os("GRACE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_grace")))
 }
 
 /// A binary built from `examples/` (cargo test builds them next to the test binaries).
 pub fn example(name: &str) -> PathBuf {
-    let path = grace_bin().parent().unwrap().join("examples").join(name);
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_grace"));
+    let path = built.parent().unwrap().join("examples").join(name);
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --examples`",
@@ -171,6 +176,8 @@ impl Grace {
     fn spawn(mut cmd: Command, args: &[&str], tweak: impl FnOnce(&mut Command)) -> Grace {
         cmd.args(args)
             .env("GRACE_LOG", "debug")
+            // The tests' own switch, not something a server should see.
+            .env_remove("GRACE_TEST_BIN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -14,6 +14,7 @@ mod restart;
 mod rollback;
 mod steered;
 mod stop;
+mod substitute;
 mod trust;
 mod unblocked;
 mod upgrade;

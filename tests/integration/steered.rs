@@ -16,7 +16,7 @@ const T: Duration = Duration::from_secs(60);
 
 /// Four restarts under load (a new connection per request); every request succeeds and every
 /// generation is a new process. `answers`: the server's reply names its pid.
-fn four_restarts_under_load(grace: &Grace, addr: SocketAddr, answers: bool) {
+pub fn four_restarts_under_load(grace: &Grace, addr: SocketAddr, answers: bool) {
     let load = Load::start(addr, 8, "/");
     load.wait_more(50, T);
     for i in 1..=4 {
@@ -50,7 +50,7 @@ fn four_restarts_under_load(grace: &Grace, addr: SocketAddr, answers: bool) {
     assert_eq!(pids.len(), 5, "a new process each time: {pids:?}");
 }
 
-fn stop(mut grace: Grace) {
+pub fn stop(mut grace: Grace) {
     grace.signal("TERM");
     assert!(grace.wait_exit(T).code().is_some(), "{}", grace.describe());
 }

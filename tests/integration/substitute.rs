@@ -1,0 +1,150 @@
+//! Bind substitution for binaries no preload library can reach: Debian's caddy (Go) with a
+//! `bind` directive and a Go server built with `CGO_ENABLED=0`, each binding its own port, lose
+//! nothing across restarts under load; binds keep being answered while grace re-executes.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{Grace, fixture, free_port, require, temp_dir};
+use crate::steered::{four_restarts_under_load, stop};
+
+const T: Duration = Duration::from_secs(60);
+
+/// Builds a Go fixture with the standard library only, `CGO_ENABLED=0`: a static binary.
+fn go_build(source: &str, dir: &Path) -> std::path::PathBuf {
+    let go = require("/usr/bin/go", "golang-go");
+    let out = dir.join("server");
+    let built = Command::new(go)
+        .args(["build", "-o"])
+        .arg(&out)
+        .arg(fixture(source))
+        .env("CGO_ENABLED", "0")
+        .env("GOCACHE", dir.join("cache"))
+        .env("GOPATH", dir.join("gopath"))
+        .env("HOME", dir)
+        .env("GO111MODULE", "off")
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    // No program interpreter: nothing a loader could preload into.
+    let elf = std::fs::read(&out).unwrap();
+    assert!(
+        !elf.windows(b"ld-linux".len()).any(|w| w == b"ld-linux"),
+        "{} is dynamically linked",
+        out.display()
+    );
+    out
+}
+
+#[test]
+fn a_static_go_server_that_binds_its_port_loses_nothing() {
+    let dir = temp_dir("substitute-go");
+    let server = go_build("go_bind_server.go", &dir);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let grace = Grace::start(&[
+        "run",
+        "--listen",
+        &listen,
+        "--ready",
+        "http:/",
+        "--",
+        server.to_str().unwrap(),
+        &listen,
+    ]);
+    grace.wait_line(") is serving", T);
+    four_restarts_under_load(&grace, listen.parse().unwrap(), true);
+    stop(grace);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn caddy_with_a_bind_directive_loses_nothing() {
+    let caddy = require("/usr/bin/caddy", "caddy");
+    let dir = temp_dir("substitute-caddy");
+    let port = free_port();
+    let config = dir.join("Caddyfile");
+    std::fs::write(
+        &config,
+        format!(
+            "{{\n\tadmin off\n\tauto_https off\n\tservers {{\n\t\tprotocols h1\n\t}}\n}}\n\
+             http://127.0.0.1:{port} {{\n\tbind 127.0.0.1\n\trespond \"hello from caddy\" 200\n}}\n"
+        ),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let grace = Grace::start_with(
+        &[
+            "run",
+            "--listen",
+            &listen,
+            "--ready",
+            "http:/",
+            "--",
+            caddy,
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--adapter",
+            "caddyfile",
+        ],
+        |cmd| {
+            cmd.env("HOME", &dir)
+                .env("XDG_DATA_HOME", dir.join("data"))
+                .env("XDG_CONFIG_HOME", dir.join("config"));
+        },
+    );
+    grace.wait_line(") is serving", T);
+    // caddy's reply does not name its pid: new pids are checked from grace's log.
+    four_restarts_under_load(&grace, listen.parse().unwrap(), false);
+    stop(grace);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A generation that binds in a loop while grace re-executes: every call is answered (by the
+/// image that is there when it comes), none fails, none waits long.
+#[test]
+fn binds_racing_a_restart_are_answered() {
+    let python = require("/usr/bin/python3", "python3");
+    let dir = temp_dir("substitute-race");
+    let grace = Grace::start(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--ready",
+        "delay:1s",
+        "--",
+        python,
+        fixture("bind_loop.py").to_str().unwrap(),
+        dir.to_str().unwrap(),
+    ]);
+    grace.wait_line(") is serving", T);
+    // Two restarts, each a re-exec while generation 1 (then 2) binds away.
+    for n in 2..=3 {
+        grace.signal("USR2");
+        grace.wait_line_count(") is serving", n, T);
+        grace.wait_line_count(") exited with status", n - 1, T);
+    }
+    crate::harness::wait_for("two generations' results", T, || {
+        (std::fs::read_dir(&dir).unwrap().count() >= 2).then_some(())
+    });
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let text = std::fs::read_to_string(entry.path()).unwrap();
+        let v: Vec<f64> = text
+            .split_whitespace()
+            .take(3)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let (count, errors, worst_ms) = (v[0], v[1], v[2]);
+        assert!(count > 100.0, "{text}");
+        assert_eq!(errors, 0.0, "{text}");
+        assert!(worst_ms < 1000.0, "a bind waited {worst_ms} ms: {text}");
+    }
+    stop(grace);
+    let _ = std::fs::remove_dir_all(&dir);
+}
