@@ -171,10 +171,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_listen_pid: bool,
 
-    /// For servers that bind their own port: preload grace's socket library (LD_PRELOAD, after
-    /// any you set), which hands a server that binds a --listen address grace's socket instead.
-    /// `auto` does so when the command is dynamically linked and does not itself read LISTEN_FDS,
-    /// and logs why; statically linked commands cannot load it (`always` refuses them).
+    /// For servers that bind their own port: a seccomp filter in every generation hands a server
+    /// that binds a --listen address its generation's socket instead, whatever the binary (Go,
+    /// static, musl); nothing is added to its environment. As a user other than root the server
+    /// runs with no_new_privs, which the kernel requires for the filter. Before Linux 5.9, grace's
+    /// preload library instead, for dynamically linked commands only.
     #[arg(long, value_name = "WHEN", value_enum, default_value_t = InjectMode::Auto)]
     pub inject: InjectMode,
 
@@ -225,12 +226,12 @@ mod tests {
     }
 }
 
-/// `--inject`: when grace preloads its socket library into the command.
+/// `--inject`: whether a server's bind of a --listen address gets grace's socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum InjectMode {
-    /// When the command is a dynamically linked program that does not itself read LISTEN_FDS.
+    /// For every command (before Linux 5.9: dynamically linked ones that do not read LISTEN_FDS).
     Auto,
-    /// Whenever the command can load it; a statically linked command is refused.
+    /// For every command (before Linux 5.9: a command that cannot load the library is refused).
     Always,
     /// Never: the server gets the sockets by socket activation only.
     Never,
