@@ -501,14 +501,15 @@ impl EventLoop {
         self.held
             .pidfds
             .retain(|pid| sup.generations().iter().any(|g| g.pid == pid));
-        let live: Vec<GenId> = sup.generations().iter().map(|g| g.id).collect();
-        for line in self.held.steering.collect(&self.held.listeners, &live) {
-            self.untrusted.warn(now(), line);
-        }
-        self.held.substitution.collect(&live);
-        // The cgroups on disk are looked at only when the set of generations changed.
+        // What a gone generation leaves (its sockets, its filter, its cgroup) is looked at only
+        // when the set of generations changed: not at every wake-up (a server's binds, a
+        // client's bytes), since letting go of sockets asks the kernel about their groups.
         let ids: Vec<GenId> = sup.generations().iter().map(|g| g.id).collect();
         if ids != self.known_gens {
+            for line in self.held.steering.collect(&self.held.listeners, &ids) {
+                self.untrusted.warn(now(), line);
+            }
+            self.held.substitution.collect(&ids);
             let mut gone: Vec<GenId> = self.members.on_disk();
             gone.extend(self.known_gens.iter().copied());
             gone.retain(|g| !ids.contains(g));

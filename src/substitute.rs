@@ -54,6 +54,8 @@ struct Bind {
 impl Substitution {
     /// Takes the filter descriptor of `generation` (received from its first process).
     pub fn add(&mut self, generation: GenId, fd: OwnedFd) {
+        // Linux 6.6+: the caller and grace take turns on one CPU, not two (a call is a ping-pong).
+        let _ = seccomp::sync_wake_up(fd.as_fd());
         self.filters.push(Filter { generation, fd });
     }
 
@@ -66,60 +68,61 @@ impl Substitution {
         self.filters.iter().map(|f| (f.fd.as_fd(), f.generation))
     }
 
-    /// Answers every call waiting, without blocking; drops the filters no process uses any more.
+    /// Answers the calls waiting, one per filter, without blocking; drops the filters no process
+    /// uses any more. One pass: a server's next call comes only after this one is answered, and
+    /// one still waiting wakes the loop's own poll at once (each poll of a filter takes the lock
+    /// its callers take too: polling again straight away mostly waits on that lock).
     pub fn service(&mut self, listeners: &[Listener], steering: &Steering) {
-        loop {
-            let mut fds: Vec<PollFd> = self
-                .filters
-                .iter()
-                .map(|f| PollFd::new(f.fd.as_fd(), PollFlags::POLLIN))
-                .collect();
-            if fds.is_empty() || !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
-                return;
-            }
-            let ready: Vec<(bool, bool)> = fds
-                .iter()
-                .map(|p| {
-                    let r = p.revents().unwrap_or(PollFlags::empty());
-                    (
-                        r.contains(PollFlags::POLLIN),
-                        r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR),
-                    )
-                })
-                .collect();
-            drop(fds);
-            let mut gone = Vec::new();
-            for (i, (readable, hung_up)) in ready.into_iter().enumerate() {
-                if readable {
-                    let (generation, fd) = (self.filters[i].generation, &self.filters[i].fd);
-                    match seccomp::receive(fd.as_fd()) {
-                        Ok(call) => {
-                            let lines = answer(fd.as_fd(), call, generation, listeners, steering);
-                            for (key, line) in lines {
-                                if key.is_none_or(|k| self.explained.insert(k)) {
-                                    warn!("{line}");
-                                }
+        let mut fds: Vec<PollFd> = self
+            .filters
+            .iter()
+            .map(|f| PollFd::new(f.fd.as_fd(), PollFlags::POLLIN))
+            .collect();
+        if fds.is_empty() || !matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0) {
+            return;
+        }
+        let ready: Vec<(bool, bool)> = fds
+            .iter()
+            .map(|p| {
+                let r = p.revents().unwrap_or(PollFlags::empty());
+                (
+                    r.contains(PollFlags::POLLIN),
+                    r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR),
+                )
+            })
+            .collect();
+        drop(fds);
+        let mut gone = Vec::new();
+        for (i, (readable, hung_up)) in ready.into_iter().enumerate() {
+            if readable {
+                let (generation, fd) = (self.filters[i].generation, &self.filters[i].fd);
+                match seccomp::receive(fd.as_fd()) {
+                    Ok(call) => {
+                        let lines = answer(fd.as_fd(), call, generation, listeners, steering);
+                        for (key, line) in lines {
+                            if key.is_none_or(|k| self.explained.insert(k)) {
+                                warn!("{line}");
                             }
                         }
-                        // The caller was interrupted or killed before the call could be read.
-                        Err(Errno::ENOENT | Errno::EINTR) => {}
-                        Err(e) => {
-                            warn!("generation {generation}: reading a bind call: {}", e.desc());
-                            gone.push(i);
-                        }
                     }
-                } else if hung_up {
-                    // Every process under this filter has exited.
-                    gone.push(i);
+                    // The caller was interrupted or killed before the call could be read.
+                    Err(Errno::ENOENT | Errno::EINTR) => {}
+                    Err(e) => {
+                        warn!("generation {generation}: reading a bind call: {}", e.desc());
+                        gone.push(i);
+                    }
                 }
+            } else if hung_up {
+                // Every process under this filter has exited.
+                gone.push(i);
             }
-            for i in gone.into_iter().rev() {
-                let f = self.filters.remove(i);
-                debug!(
-                    "generation {}: no process left under its filter",
-                    f.generation
-                );
-            }
+        }
+        for i in gone.into_iter().rev() {
+            let f = self.filters.remove(i);
+            debug!(
+                "generation {}: no process left under its filter",
+                f.generation
+            );
         }
     }
 
@@ -145,7 +148,11 @@ fn answer(
     if call.nr == libc::SYS_listen as i32 {
         return go_on_listen(filter, call, generation, listeners, steering);
     }
-    let bind = match read_bind(filter, &call) {
+    let held_ports: Vec<u16> = listeners
+        .iter()
+        .filter_map(|l| l.local.inet().map(|(_, a)| a.port()))
+        .collect();
+    let bind = match read_bind(filter, &call, &held_ports) {
         Ok(Some(bind)) => bind,
         Ok(None) => return go_on(Vec::new()),
         // Gone meanwhile: its call is over.
@@ -260,7 +267,11 @@ fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> Result<(), Errno> {
 
 /// Reads what a `bind` call asks for. `Ok(None)`: not one for grace (not an IPv4/IPv6 address on
 /// a TCP or UDP socket); `Err(None)`: the call is gone; `Err(Some(why))`: it cannot be read.
-fn read_bind(filter: BorrowedFd<'_>, call: &seccomp::Call) -> Result<Option<Bind>, Option<String>> {
+fn read_bind(
+    filter: BorrowedFd<'_>,
+    call: &seccomp::Call,
+    held_ports: &[u16],
+) -> Result<Option<Bind>, Option<String>> {
     if call.nr != libc::SYS_bind as i32 {
         return Ok(None);
     }
@@ -268,6 +279,15 @@ fn read_bind(filter: BorrowedFd<'_>, call: &seccomp::Call) -> Result<Option<Bind
     let len = (call.args[2] as usize).min(std::mem::size_of::<libc::sockaddr_in6>());
     let raw = seccomp::read_memory(call.pid, call.args[1], len)
         .map_err(|e| Some(format!("reading its address: {}", e.desc())))?;
+    // Most binds are of ports grace does not hold (clients, a server's other ports): let them go
+    // at once, without looking any further (letting a call run needs no check that it is the
+    // one that was read: it runs as it is).
+    let Some(addr) = parse_sockaddr(&raw) else {
+        return Ok(None);
+    };
+    if !held_ports.contains(&addr.port()) {
+        return Ok(None);
+    }
     // Its socket, through a copy: which protocol, which flags.
     let theirs =
         sys::fd_of(call.pid as i32, fd).map_err(|e| Some(format!("its fd {fd}: {}", e.desc())))?;
@@ -276,9 +296,6 @@ fn read_bind(filter: BorrowedFd<'_>, call: &seccomp::Call) -> Result<Option<Bind
     if !seccomp::still_waiting(filter, call.id) {
         return Err(None);
     }
-    let Some(addr) = parse_sockaddr(&raw) else {
-        return Ok(None);
-    };
     let proto = match getsockopt(&theirs, sockopt::SockType) {
         Ok(nix::sys::socket::SockType::Stream) => Proto::Tcp,
         Ok(nix::sys::socket::SockType::Datagram) => Proto::Udp,

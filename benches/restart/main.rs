@@ -16,7 +16,9 @@
 //! 9. servers whose own drain is imperfect (Go's tutorial `Shutdown`, Node with no signal
 //!    handler, `python3 -m http.server`) under grace, kill-and-start and start_server;
 //! 10. a new version that accepts connections but never becomes ready: the clients it gets;
-//! 11. grace's CPU in an old generation's idle wait while it holds 10,000 idle connections.
+//! 11. grace's CPU in an old generation's idle wait while it holds 10,000 idle connections;
+//! 12. bind substitution: SIGUSR2 to spawn with node beside the example server, a substituted
+//!     bind, 10,000 binds on unheld addresses under the filter and without grace.
 //!
 //! Prints tables and a PASS/FAIL list of targets, and writes the same as JSON (default
 //! `target/bench-restart.json`). Peers missing from the machine are installed by
@@ -30,6 +32,7 @@ mod procs;
 mod report;
 mod resources;
 mod restarts;
+mod substitution;
 mod throughput;
 
 use std::path::{Path, PathBuf};
@@ -47,7 +50,7 @@ usage: cargo bench --bench restart [-- OPTIONS]
   --restarts K    restarts per load scenario (default 3 quick, 10 full)
   --clients N     concurrent client threads (default 4)
   --json PATH     where to write the results (default <target dir>/bench-restart.json)
-  --only LIST     run only these scenarios, e.g. --only 1,6,7 (1-11)
+  --only LIST     run only these scenarios, e.g. --only 1,6,7 (1-12)
   --no-setup      do not run benches/setup.sh for missing peers; report them as MISSING";
 
 /// Everything a scenario needs to know: options, binaries, and a scratch directory.
@@ -139,7 +142,7 @@ impl Opts {
                         .split(',')
                         .map(|s| s.trim().parse::<u32>())
                         .collect::<Result<Vec<_>, _>>()
-                        .context("--only: numbers 1-11, comma-separated")?;
+                        .context("--only: numbers 1-12, comma-separated")?;
                     opts.only = Some(list);
                 }
                 "--no-setup" => opts.setup = false,
@@ -179,7 +182,7 @@ fn run() -> anyhow::Result<ExitCode> {
     }
 
     type Scenario = fn(&Env, &mut Report) -> anyhow::Result<()>;
-    let scenarios: [(u32, &str, Scenario); 11] = [
+    let scenarios: [(u32, &str, Scenario); 12] = [
         (1, "1 grace + example server", restarts::example_under_grace),
         (2, "2 grace + gunicorn", restarts::gunicorn_under_grace),
         (
@@ -211,6 +214,7 @@ fn run() -> anyhow::Result<ExitCode> {
             "11 the idle wait with 10,000 idle connections",
             drains::idle_wait_cost,
         ),
+        (12, "12 bind substitution", substitution::run),
     ];
     for (n, name, scenario) in scenarios {
         if !opts.runs(n) {

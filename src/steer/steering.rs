@@ -624,7 +624,10 @@ impl Steering {
                 target: r.target,
                 probe: None,
             };
-            let _ = g.reconcile();
+            // A stranger that joined since the previous image last looked is said at the next
+            // handover, like any other.
+            let found = g.reconcile();
+            steering.logs.extend(found);
             g.attach(listeners).map_err(|e| e.to_string())?;
             steering.groups.push(g);
         }

@@ -245,6 +245,21 @@ pub fn place(
     Errno::result(rc).map(drop)
 }
 
+/// Asks the kernel to wake a caller on grace's own CPU when it answers
+/// (`SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP`, Linux 6.6): a call is a synchronous round trip.
+pub fn sync_wake_up(listener: BorrowedFd<'_>) -> Result<(), Errno> {
+    const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
+    // SAFETY: the ioctl takes its flags as the argument's value, no pointer.
+    let rc = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+            SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
 /// Receives the notification descriptor a child sent over `channel` (see [`install_in_child`]).
 pub fn receive_listener(channel: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
     use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};

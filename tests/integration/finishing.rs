@@ -230,10 +230,18 @@ fn a_strangers_socket_in_the_group_is_reported_and_gets_no_connection() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // Stopped whatever happens below (it holds the test's output pipe open otherwise).
+    struct Reaper(std::process::Child);
+    impl Drop for Reaper {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = stranger.stdout.take().unwrap();
+    let _reaper = Reaper(stranger);
     let mut line = String::new();
-    BufReader::new(stranger.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "bound");
     let load = Load::start(addr, 4, "/");
     load.wait_more(50, T);
@@ -247,8 +255,6 @@ fn a_strangers_socket_in_the_group_is_reported_and_gets_no_connection() {
     // Reported once, not at every handover.
     assert_eq!(grace.count_lines("a socket grace did not create"), 1);
     assert_eq!(std::fs::read_to_string(&count).unwrap(), "0");
-    let _ = stranger.kill();
-    let _ = stranger.wait();
     assert_eq!(
         tally.failed,
         0,
