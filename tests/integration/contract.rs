@@ -251,10 +251,6 @@ fn a_probe_with_only_shared_sockets_gets_a_private_socket() {
 fn a_python_server_and_its_helpers_see_no_trace_of_substitution() {
     let python = crate::harness::require("/usr/bin/python3", "python3");
     let dir = temp_dir("contract-python");
-    std::os::unix::fs::PermissionsExt::set_mode(
-        &mut std::fs::metadata(&dir).unwrap().permissions(),
-        0o755,
-    );
     let out = dir.join("out");
     let script = r#"
 import os, subprocess, sys

@@ -148,3 +148,43 @@ fn binds_racing_a_restart_are_answered() {
     stop(grace);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// grace run by another user than root: the filter needs `no_new_privs`, which grace sets in the
+/// server and says so; the bind is substituted all the same.
+#[test]
+fn as_another_user_the_server_runs_with_no_new_privs_and_is_substituted() {
+    use std::os::unix::process::CommandExt;
+    let python = require("/usr/bin/python3", "python3");
+    let dir = temp_dir("substitute-nobody");
+    // Its control socket goes there.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let grace = Grace::start_with(
+        &[
+            "run",
+            "--listen",
+            &listen,
+            "--control",
+            dir.join("ctl").to_str().unwrap(),
+            "--ready",
+            "http:/",
+            "--",
+            python,
+            fixture("inject_server.py").to_str().unwrap(),
+            &port.to_string(),
+        ],
+        |cmd| {
+            cmd.uid(65534).gid(65534).current_dir("/");
+        },
+    );
+    grace.wait_line("the server runs with no_new_privs", T);
+    grace.wait_line(") is serving", T);
+    let pid = *grace.serving_pids().last().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    let (_, body) = crate::harness::http_get(listen.parse().unwrap(), "/").unwrap();
+    assert_eq!(crate::harness::served_by(&body), pid);
+    stop(grace);
+    let _ = std::fs::remove_dir_all(&dir);
+}
