@@ -188,3 +188,42 @@ fn as_another_user_the_server_runs_with_no_new_privs_and_is_substituted() {
     stop(grace);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--listen :PORT` is the dual-stack `[::]:PORT`; a server binding `0.0.0.0:PORT` would get IPv6
+/// peers on an IPv4 socket: not substituted, its bind fails as without grace, and one line says
+/// which `--listen` to give.
+#[test]
+fn an_ipv4_wildcard_bind_on_the_dual_stack_port_is_refused_with_the_listen_to_give() {
+    let python = require("/usr/bin/python3", "python3");
+    let port = free_port();
+    let listen = format!(":{port}");
+    let mut grace = Grace::start(&[
+        "run",
+        "--listen",
+        &listen,
+        "--",
+        python,
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "0.0.0.0",
+    ]);
+    let line = grace.wait_line("but the addresses differ", T);
+    assert!(
+        line.contains(&format!(
+            "binds tcp 0.0.0.0:{port}, which grace holds as tcp [::]:{port}"
+        )),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("give --listen 0.0.0.0:{port}")),
+        "{line}"
+    );
+    assert_eq!(grace.wait_exit(T).code(), Some(1), "{}", grace.describe());
+    assert!(
+        grace.output().contains("Address already in use"),
+        "{}",
+        grace.describe()
+    );
+}
