@@ -509,7 +509,6 @@ impl EventLoop {
             for line in self.held.steering.collect(&self.held.listeners, &ids) {
                 self.untrusted.warn(now(), line);
             }
-            self.held.substitution.collect(&ids);
             let mut gone: Vec<GenId> = self.members.on_disk();
             gone.extend(self.known_gens.iter().copied());
             gone.retain(|g| !ids.contains(g));

@@ -107,16 +107,16 @@ impl Substitution {
                     }
                     // The caller was interrupted or killed before the call could be read.
                     Err(Errno::ENOENT | Errno::EINTR) => {}
-                    Err(e) => {
-                        warn!("generation {generation}: reading a bind call: {}", e.desc());
-                        gone.push(i);
-                    }
+                    // Kept: without it the kernel fails this generation's binds with ENOSYS.
+                    Err(e) => debug!("generation {generation}: reading a bind call: {}", e.desc()),
                 }
             } else if hung_up {
                 // Every process under this filter has exited.
                 gone.push(i);
             }
         }
+        // A filter is let go only once no process uses it: a gone generation's stray process (a
+        // daemonized worker) would otherwise see its binds fail with ENOSYS.
         for i in gone.into_iter().rev() {
             let f = self.filters.remove(i);
             debug!(
@@ -124,11 +124,6 @@ impl Substitution {
                 f.generation
             );
         }
-    }
-
-    /// Lets go of the filters of generations that are gone (`live` are the others).
-    pub fn collect(&mut self, live: &[GenId]) {
-        self.filters.retain(|f| live.contains(&f.generation));
     }
 }
 
@@ -191,13 +186,17 @@ fn answer(
         return go_on(lines.into_iter().collect());
     };
     let socket = steering.socket_of(listeners, generation, i);
-    // O_NONBLOCK is the open file's, shared by this generation's copies of its socket: set it as
-    // the server made its own (an event loop needs it, a blocking accept must not get it).
-    let _ = set_nonblocking(socket, bind.nonblocking);
+    let own = steering.owns(generation, i);
     let placed = seccomp::place(filter, call.id, socket, bind.fd, bind.cloexec)
         .and_then(|()| seccomp::answer(filter, call.id, 0));
     match placed {
         Ok(()) => {
+            // O_NONBLOCK is the open file's: set it as the server made its own (an event loop
+            // needs it, a blocking accept must not get it), but only on a socket this generation
+            // has to itself; a shared one is every generation's, and left as it is.
+            if own {
+                let _ = set_nonblocking(socket, bind.nonblocking);
+            }
             debug!(
                 "pid {} binds {}: generation {generation}'s socket put at its fd {}",
                 call.pid, listeners[i].local, bind.fd

@@ -362,6 +362,14 @@ impl Steering {
         logs
     }
 
+    /// Whether `generation` has a socket of its own for listener `listener` (steered), rather
+    /// than the one every generation shares.
+    pub fn owns(&self, generation: GenId, listener: usize) -> bool {
+        self.groups.iter().any(|g| {
+            g.listener == listener && g.sockets.iter().any(|s| s.owner == Some(generation))
+        })
+    }
+
     /// The socket `generation` has for listener `listener`: its own member, or the listener's
     /// descriptor (shared, or the target it took over).
     pub fn socket_of<'a>(

@@ -348,7 +348,7 @@ unsafe fn child_exec(
         {
             let mut fd = target_end;
             while fd < 4096 {
-                if fd != report {
+                if fd != report && fd != bind_filter {
                     libc::close(fd);
                 }
                 fd += 1;
@@ -686,11 +686,22 @@ pub fn parent_of(pid: i32) -> Option<i32> {
     rest.split(' ').nth(1)?.parse().ok()
 }
 
-/// A pidfd for `pid` (Linux 5.3+), close-on-exec. Signals sent through it reach that process or
-/// nobody: once it is reaped, a recycled pid is a different process.
-/// A copy of descriptor `fd` of the process thread `tid` belongs to (`pidfd_getfd`, Linux 5.6),
-/// close-on-exec.
+/// A copy of descriptor `fd` of thread `tid` (`pidfd_getfd`, Linux 5.6), close-on-exec: through
+/// a pidfd of the thread itself where the kernel has them (`PIDFD_THREAD`, 6.9: right even if the
+/// thread unshared its fd table or its leader exited), else of its thread group.
 pub fn fd_of(tid: i32, fd: RawFd) -> Result<OwnedFd, Errno> {
+    const PIDFD_THREAD: libc::c_int = libc::O_EXCL;
+    // SAFETY: pidfd_open takes two integers and returns a new fd (or -1) that we now own.
+    let thread = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, PIDFD_THREAD) };
+    if thread >= 0 {
+        // SAFETY: a new descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(thread as RawFd) };
+        // SAFETY: no pointers; the kernel returns a new descriptor (close-on-exec) or -1.
+        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+        let got = Errno::result(got)?;
+        // SAFETY: a new descriptor that nothing else owns.
+        return Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) });
+    }
     let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
         .ok()
         .and_then(|s| {
@@ -707,6 +718,8 @@ pub fn fd_of(tid: i32, fd: RawFd) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) })
 }
 
+/// A pidfd for `pid` (Linux 5.3+), close-on-exec. Signals sent through it reach that process or
+/// nobody: once it is reaped, a recycled pid is a different process.
 pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
     // SAFETY: pidfd_open takes two integers and returns a new fd (or -1) that we now own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
