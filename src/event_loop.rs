@@ -49,6 +49,8 @@ pub struct EventLoop {
     reexec_due: bool,
     /// Warnings another local user can provoke.
     untrusted: Throttle,
+    /// How a server's bind of a held address gets grace's socket (chosen once: the kernel's).
+    mechanism: inject::Mechanism,
 }
 
 impl EventLoop {
@@ -61,7 +63,9 @@ impl EventLoop {
         grace_exe: PathBuf,
     ) -> Self {
         let probes = Probes::new(args.ready.clone());
+        let mechanism = inject::mechanism(args.inject);
         Self {
+            mechanism,
             args,
             sup,
             signals,
@@ -370,7 +374,7 @@ impl EventLoop {
             generation,
             &self.args.compat,
         );
-        let mechanism = inject::mechanism(self.args.inject);
+        let mechanism = self.mechanism;
         let preloaded = match mechanism {
             inject::Mechanism::Preload => {
                 inject::apply(&self.args, &program, &self.held.listeners, &mut env)

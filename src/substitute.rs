@@ -141,7 +141,8 @@ fn answer(
         lines
     };
     if call.nr == libc::SYS_listen as i32 {
-        return go_on_listen(filter, call, generation, listeners, steering);
+        go_on_listen(filter, call, generation, listeners, steering);
+        return Vec::new();
     }
     let held_ports: Vec<u16> = listeners
         .iter()
@@ -228,7 +229,7 @@ fn go_on_listen(
     generation: GenId,
     listeners: &[Listener],
     steering: &Steering,
-) -> Vec<(Option<(Proto, SocketAddr)>, String)> {
+) {
     let ours = |theirs: &OwnedFd| -> bool {
         let Ok(ino) = crate::steer::inode(theirs.as_fd()) else {
             return false;
@@ -241,14 +242,13 @@ fn go_on_listen(
     };
     let skip = sys::fd_of(call.pid as i32, call.args[0] as RawFd).is_ok_and(|theirs| ours(&theirs));
     if !seccomp::still_waiting(filter, call.id) {
-        return Vec::new();
+        return;
     }
     let _ = if skip {
         seccomp::answer(filter, call.id, 0)
     } else {
         seccomp::let_run(filter, call.id)
     };
-    Vec::new()
 }
 
 fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> Result<(), Errno> {

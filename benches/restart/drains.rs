@@ -270,62 +270,50 @@ pub fn never_ready(env: &Env, report: &mut Report) -> anyhow::Result<()> {
             mode.clone().into(),
             counted.clone().into(),
         ];
-        let (first, broken, samples, windows, mut stop): (_, _, _, _, Box<dyn FnMut()>) =
-            if tool == "grace" {
-                let timeout = format!("{}s", broken_for.as_secs());
-                let mut grace = Grace::start(
-                    env,
-                    "grace + counting server",
-                    &["--ready", "http:/health", "--ready-timeout", &timeout],
-                    &command,
-                    "info",
-                )?;
-                let first = counts(&counted);
-                let (samples, windows) = under_load(env, grace.addr, Mode::Close, 1, |_| {
-                    std::fs::write(&mode, "never-ready")?;
-                    grace.restart()
-                })?;
-                let broken = counts(&counted);
-                (
-                    first,
-                    broken,
-                    samples,
-                    windows,
-                    Box::new(move || grace.proc.stop(Duration::from_secs(10))),
-                )
-            } else {
-                if let Err(e) = &env.start_server {
-                    report.check(
-                        "10",
-                        &format!("{what}, start_server"),
-                        e.clone(),
-                        "shown",
-                        Verdict::Missing,
-                    );
-                    continue;
-                }
-                let argv: Vec<String> = command
-                    .iter()
-                    .map(|a| a.to_string_lossy().into_owned())
-                    .collect();
-                let mut ss = StartServer::start(env, Some(3), &format!("exec {}", argv.join(" ")))?;
-                let first = counts(&counted);
-                let (samples, windows) = under_load(env, ss.addr, Mode::Close, 1, |_| {
-                    std::fs::write(&mode, "never-ready")?;
-                    ss.restart()?;
-                    procs::sleep(broken_for)?;
-                    Ok(true)
-                })?;
-                let broken = counts(&counted);
-                (
-                    first,
-                    broken,
-                    samples,
-                    windows,
-                    Box::new(move || ss.proc.stop(Duration::from_secs(10))),
-                )
-            };
-        stop();
+        let (first, broken, samples, windows) = if tool == "grace" {
+            let timeout = format!("{}s", broken_for.as_secs());
+            let mut grace = Grace::start(
+                env,
+                "grace + counting server",
+                &["--ready", "http:/health", "--ready-timeout", &timeout],
+                &command,
+                "info",
+            )?;
+            let first = counts(&counted);
+            let (samples, windows) = under_load(env, grace.addr, Mode::Close, 1, |_| {
+                std::fs::write(&mode, "never-ready")?;
+                grace.restart()
+            })?;
+            let broken = counts(&counted);
+            grace.proc.stop(Duration::from_secs(10));
+            (first, broken, samples, windows)
+        } else {
+            if let Err(e) = &env.start_server {
+                report.check(
+                    "10",
+                    &format!("{what}, start_server"),
+                    e.clone(),
+                    "shown",
+                    Verdict::Missing,
+                );
+                continue;
+            }
+            let argv: Vec<String> = command
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let mut ss = StartServer::start(env, Some(3), &format!("exec {}", argv.join(" ")))?;
+            let first = counts(&counted);
+            let (samples, windows) = under_load(env, ss.addr, Mode::Close, 1, |_| {
+                std::fs::write(&mode, "never-ready")?;
+                ss.restart()?;
+                procs::sleep(broken_for)?;
+                Ok(true)
+            })?;
+            let broken = counts(&counted);
+            ss.proc.stop(Duration::from_secs(10));
+            (first, broken, samples, windows)
+        };
         let old: Vec<i32> = first.iter().map(|&(pid, _)| pid).collect();
         let reached: u64 = broken
             .iter()
