@@ -48,8 +48,8 @@ complete -c grace -n "__fish_grace_using_subcommand run" -l compat -d 'Also set 
 einhorn\t'`EINHORN_FD_COUNT` and `EINHORN_FD_<i>`, as einhorn sets them'"
 complete -c grace -n "__fish_grace_using_subcommand run" -l backlog -d 'Listen backlog [default: the system\'s somaxconn]' -r
 complete -c grace -n "__fish_grace_using_subcommand run" -l socket-mode -d 'File mode for unix socket files, in octal (e.g. 660)' -r
-complete -c grace -n "__fish_grace_using_subcommand run" -l inject -d 'For servers that bind their own port: a seccomp filter in every generation hands a server that binds a --listen address its generation\'s socket instead, whatever the binary (Go, static, musl); nothing is added to its environment. As a user other than root the server runs with no_new_privs, which the kernel requires for the filter. Before Linux 5.9, grace\'s preload library instead, for dynamically linked commands only' -r -f -a "auto\t'For every command (before Linux 5.9: dynamically linked ones that do not read LISTEN_FDS)'
-always\t'For every command (before Linux 5.9: a command that cannot load the library is refused)'
+complete -c grace -n "__fish_grace_using_subcommand run" -l inject -d 'For servers that bind their own port: a seccomp filter in every generation hands a server that binds a --listen address its generation\'s socket instead, whatever the binary (Go, static, musl); nothing is added to its environment. As a user other than root the server runs with no_new_privs, which the kernel requires for the filter. Needs Linux 5.9: `auto` says so and runs without it on older kernels, `always` refuses to start' -r -f -a "auto\t'For every command, where the kernel can (Linux 5.9+); before that, grace says so and runs without'
+always\t'For every command; on a kernel before 5.9 grace refuses to start'
 never\t'Never: the server gets the sockets by socket activation only'"
 complete -c grace -n "__fish_grace_using_subcommand run" -l no-listen-pid -d 'Do not set LISTEN_PID (for servers started through a wrapper that does not `exec`)'
 complete -c grace -n "__fish_grace_using_subcommand run" -s h -l help -d 'Print help (see more with \'--help\')'

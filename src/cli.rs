@@ -174,8 +174,8 @@ pub struct RunArgs {
     /// For servers that bind their own port: a seccomp filter in every generation hands a server
     /// that binds a --listen address its generation's socket instead, whatever the binary (Go,
     /// static, musl); nothing is added to its environment. As a user other than root the server
-    /// runs with no_new_privs, which the kernel requires for the filter. Before Linux 5.9, grace's
-    /// preload library instead, for dynamically linked commands only.
+    /// runs with no_new_privs, which the kernel requires for the filter. Needs Linux 5.9: `auto`
+    /// says so and runs without it on older kernels, `always` refuses to start.
     #[arg(long, value_name = "WHEN", value_enum, default_value_t = InjectMode::Auto)]
     pub inject: InjectMode,
 
@@ -229,9 +229,10 @@ mod tests {
 /// `--inject`: whether a server's bind of a --listen address gets grace's socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum InjectMode {
-    /// For every command (before Linux 5.9: dynamically linked ones that do not read LISTEN_FDS).
+    /// For every command, where the kernel can (Linux 5.9+); before that, grace says so and runs
+    /// without.
     Auto,
-    /// For every command (before Linux 5.9: a command that cannot load the library is refused).
+    /// For every command; on a kernel before 5.9 grace refuses to start.
     Always,
     /// Never: the server gets the sockets by socket activation only.
     Never,

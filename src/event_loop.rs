@@ -366,7 +366,7 @@ impl EventLoop {
             Ok(probe) => probe,
             Err(reason) => return failed(reason, exit::FAILURE),
         };
-        let (fds, mut env) = spawn::layout(
+        let (fds, env) = spawn::layout(
             &self.held.listeners,
             sockets,
             probe,
@@ -375,21 +375,13 @@ impl EventLoop {
             &self.args.compat,
         );
         let mechanism = self.mechanism;
-        let preloaded = match mechanism {
-            inject::Mechanism::Preload => {
-                inject::apply(&self.args, &program, &self.held.listeners, &mut env)
-            }
-            _ => Ok(()),
-        };
-        let planned = preloaded.and_then(|()| {
-            spawn::plan(
-                &program,
-                &self.args.command,
-                env,
-                !self.args.no_listen_pid,
-                fds,
-            )
-        });
+        let planned = spawn::plan(
+            &program,
+            &self.args.command,
+            env,
+            !self.args.no_listen_pid,
+            fds,
+        );
         // The child sends its filter's notification descriptor over this pair before it execs.
         let channel = match mechanism {
             inject::Mechanism::Seccomp { no_new_privs }

@@ -2,14 +2,13 @@
 //! survives `execve`. The keep list, the record's `fd` lines and the adoption in the new image all
 //! come from [`Held::carried`] and [`Held::adopt`], over the same [`Role`]s.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::Context;
 
 use crate::control::{CarriedClient, CarriedSocket, ControlServer};
 use crate::handoff::{Carried, Role};
-use crate::inject;
 use crate::listen::Listener;
 use crate::notify::NotifySocket;
 use crate::pidfds::Pidfds;
@@ -26,6 +25,8 @@ pub struct Held {
     pub pidfds: Pidfds,
     /// The generations' `bind` filters.
     pub substitution: Substitution,
+    /// An older grace's preload library (see `Role::Library`).
+    pub library: Option<OwnedFd>,
 }
 
 impl Held {
@@ -49,8 +50,7 @@ impl Held {
                 name: self.notify.name.clone(),
             },
         ));
-        // Running generations load the socket library by its fd number.
-        let library = inject::library_fd().map(|fd| (fd, Role::Library));
+        let library = self.library.as_ref().map(|fd| (fd.as_fd(), Role::Library));
         let pidfds = self
             .pidfds
             .carried()
@@ -108,6 +108,7 @@ impl Held {
         let mut clients = Vec::new();
         let mut pidfds = Vec::new();
         let mut substitution = Substitution::default();
+        let mut library = None;
         for Carried { fd, role } in carried {
             let owned = sys::adopt_fd(*fd).with_context(|| format!("adopting fd {fd}"))?;
             sys::set_cloexec(owned.as_fd(), true)?;
@@ -137,7 +138,7 @@ impl Held {
                     partial,
                     deadline,
                 }),
-                Role::Library => inject::adopt_library(owned),
+                Role::Library => library = Some(owned),
                 Role::Pidfd { pid } => pidfds.push((pid, owned)),
                 Role::Member { listener, owner } => members.push((owned, listener, owner)),
                 Role::Filter { generation } => substitution.add(generation, owned),
@@ -152,6 +153,7 @@ impl Held {
             control: ControlServer::adopt(sockets, clients)?,
             pidfds: Pidfds::adopt(pidfds),
             substitution,
+            library,
         })
     }
 

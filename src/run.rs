@@ -67,7 +67,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 /// A fresh start: everything is checked and bound before the first generation starts.
 fn bind(args: &RunArgs) -> anyhow::Result<Held> {
     sys::cloexec_inherited_fds();
-    inject::check(args, &spawn::resolve_command(&args.command)?)?;
+    inject::check(args.inject)?;
+    // A command that is not there fails here, before anything is bound.
+    spawn::resolve_command(&args.command)?;
     let opts = BindOptions {
         backlog: args.backlog,
         socket_mode: args.socket_mode,
@@ -81,7 +83,7 @@ fn bind(args: &RunArgs) -> anyhow::Result<Held> {
         info!("{line}");
     }
     if listeners.iter().any(|l| l.local.inet().is_some()) {
-        inject::announce(inject::mechanism(args.inject));
+        inject::announce(args.inject);
     }
     Ok(Held {
         listeners,
@@ -90,6 +92,7 @@ fn bind(args: &RunArgs) -> anyhow::Result<Held> {
         control: ControlServer::open(args.control.as_deref())?,
         pidfds: Pidfds::default(),
         substitution: Default::default(),
+        library: None,
     })
 }
 

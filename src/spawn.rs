@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use crate::cli::Compat;
 use crate::exit::{self, ExitError};
 use crate::handoff;
-use crate::inject;
 use crate::listen::{Listener, Local};
 use crate::supervisor::GenId;
 use crate::sys::{self, ExecPlan};
@@ -26,7 +25,6 @@ pub const RESERVED_ENV: &[&str] = &[
     "GRACE_PROBE_ADDR",
     handoff::ENV,
     handoff::CHECK_ENV,
-    inject::ENV,
 ];
 
 /// Finds the command in `PATH` (as a shell would), or fails with 127/126 and one line.

@@ -352,6 +352,10 @@ pub fn supported() -> Result<(), String> {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
+    release_supports(&release)
+}
+
+fn release_supports(release: &str) -> Result<(), String> {
     let mut parts = release.split(|c: char| !c.is_ascii_digit());
     let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -366,6 +370,22 @@ pub fn supported() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernels_from_5_9() {
+        for old in [
+            "4.18.0-553.el8_10.x86_64",
+            "5.4.0-150-generic",
+            "5.8.18",
+            "",
+        ] {
+            let why = release_supports(old).unwrap_err();
+            assert!(why.starts_with(&format!("Linux {old} has no")), "{why}");
+        }
+        for new in ["5.9.0", "5.10.0-33-amd64", "6.1.0-27-amd64", "10.0"] {
+            assert_eq!(release_supports(new), Ok(()), "{new}");
+        }
+    }
 
     #[test]
     fn parses_what_a_caller_writes() {

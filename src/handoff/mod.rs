@@ -60,8 +60,9 @@ pub enum Role {
         partial: String,
         deadline: Option<Millis>,
     },
-    /// The memfd of grace's socket library (`--inject`), which running generations load by its
-    /// fd number.
+    /// The memfd of the preload library a grace before seccomp substitution gave its generations
+    /// (`LD_PRELOAD=/proc/PID/fd/N`): never made now, but kept open and carried on, so that what
+    /// those generations still exec can load it.
     Library,
     /// A pidfd of a generation's leader.
     Pidfd { pid: i32 },

@@ -747,20 +747,6 @@ pub fn pidfd_send_signal(
     Errno::result(rc).map(drop)
 }
 
-/// Whether the file at `path` has the extended attribute `name` (`false` on a filesystem without
-/// extended attributes).
-pub fn has_xattr(path: &std::path::Path, name: &CStr) -> Result<bool, Errno> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
-    // SAFETY: both strings are NUL-terminated; a null buffer of size 0 only asks for the size.
-    let rc = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
-    match Errno::result(rc) {
-        Ok(_) => Ok(true),
-        Err(Errno::ENODATA | Errno::ENOTSUP) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

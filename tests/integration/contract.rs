@@ -92,9 +92,8 @@ fn the_server_gets_exactly_its_sockets_env_and_a_clean_signal_state() {
             &unix,
             "--listen",
             "dns=udp://127.0.0.1:0",
-            // The shell wrapper is dynamically linked and does not read LISTEN_FDS itself, so
-            // `--inject auto` would preload grace's socket library (and set GRACE_INJECT): this
-            // test is about the plain socket-activation contract.
+            // The plain socket-activation contract, without the bind filter (the test of a
+            // Python server below checks that the filter leaves no trace).
             "--inject",
             "never",
             "--",

@@ -1,5 +1,5 @@
 //! `--inject`: servers that bind their own port (Node, Python, a Rust program, `python3 -m
-//! http.server`) get grace's socket through the preload library, and restart with zero downtime
+//! http.server`) get grace's socket through bind substitution, and restart with zero downtime
 //! like socket-activated ones. Loopback only; ports are picked free by the kernel, then given to
 //! both grace and the server (which needs the number on its command line).
 
@@ -18,7 +18,7 @@ use crate::load::Load;
 
 const T: Duration = Duration::from_secs(30);
 
-/// What grace logs when it preloads the library.
+/// What grace logs at start when it substitutes binds.
 const INJECTING: &str = "a server's bind of a --listen address gets grace's socket";
 
 /// Debian's python3, never a pyenv shim from PATH.

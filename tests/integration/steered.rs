@@ -90,7 +90,7 @@ fn go_tutorial_shutdown_server_loses_nothing() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Through `--inject` (it binds its own port; grace preloads its library by itself), probed over
+/// Through `--inject` (it binds its own port; grace substitutes its bind), probed over
 /// the real address.
 #[test]
 fn node_without_a_signal_handler_loses_nothing() {
