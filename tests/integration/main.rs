@@ -15,6 +15,7 @@ mod rollback;
 mod steered;
 mod stop;
 mod substitute;
+mod systemd;
 mod trust;
 mod unblocked;
 mod upgrade;
