@@ -281,5 +281,4 @@ time.sleep(60)
     assert!(text.contains("helper_out=helper ran\n"), "{text}");
     assert!(text.contains("helper_err=\n"), "{text}");
     drop(grace);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    Grace, alive, descendants, example, grace_bin, http_get, proc_state, served_by, temp_dir,
-    wait_for,
+    Grace, TempDir, alive, descendants, example, grace_bin, http_get, proc_state, served_by,
+    temp_dir, wait_for,
 };
 use crate::load::Load;
 
@@ -21,7 +21,7 @@ const T: Duration = Duration::from_secs(20);
 struct Setup {
     grace: Grace,
     behavior: PathBuf,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 /// grace running the example server, whose later generations read their behaviour from a file.

@@ -53,14 +53,52 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
-/// A fresh directory for one test.
-pub fn temp_dir(tag: &str) -> PathBuf {
+/// A fresh directory for one test, removed with everything in it when dropped (also when the
+/// test fails).
+pub fn temp_dir(tag: &str) -> TempDir {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let dir = std::env::temp_dir().join(format!("grace-test-{}-{tag}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
+}
+
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // A process killed a moment ago may still have been writing here: a file that appears
+        // while the tree is removed fails the removal, so try again for a little while.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while std::fs::remove_dir_all(&self.0).is_err() && self.0.exists() {
+            if Instant::now() > deadline {
+                eprintln!("could not remove {}", self.0.display());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
@@ -83,6 +121,8 @@ pub struct Grace {
     pub args: Vec<String>,
     lines: Arc<Mutex<Vec<String>>>,
     status: Option<ExitStatus>,
+    /// Directories it uses, removed after it was stopped.
+    dirs: Vec<TempDir>,
 }
 
 impl Grace {
@@ -211,7 +251,14 @@ impl Grace {
             args: args.iter().map(|s| s.to_string()).collect(),
             lines,
             status: None,
+            dirs: Vec::new(),
         }
+    }
+
+    /// Keeps `dir` until this grace is dropped (stopped first, then the directory removed).
+    pub fn owning(mut self, dir: TempDir) -> Grace {
+        self.dirs.push(dir);
+        self
     }
 
     pub fn pid(&self) -> i32 {

@@ -416,7 +416,8 @@ fn static_bind_server() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let out = temp_dir("inject-static").join("bind_server_static");
+            // Shared by the tests for the whole run: in cargo's directory for them, not a temporary one.
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bind_server_static");
             let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/bind_server.rs");
             rustc(&[
                 "-C",

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::harness::{
-    Grace, example, grace_bin, http_get, served_by, served_by_other, temp_dir, wait_for,
+    Grace, TempDir, example, grace_bin, http_get, served_by, served_by_other, temp_dir, wait_for,
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -32,7 +32,7 @@ fn text(out: &Output) -> (Option<i32>, String, String) {
 /// grace with a control socket, a pid file, a status file and a behaviour file for the server.
 struct Running {
     grace: Grace,
-    dir: PathBuf,
+    dir: TempDir,
     control: String,
     behavior: PathBuf,
 }
@@ -234,11 +234,13 @@ struct FakeSystemd {
     sock: UnixDatagram,
     path: PathBuf,
     extended: std::cell::Cell<u64>,
+    _dir: TempDir,
 }
 
 impl FakeSystemd {
     fn new() -> Self {
-        let path = temp_dir("systemd").join("notify");
+        let dir = temp_dir("systemd");
+        let path = dir.join("notify");
         let sock = UnixDatagram::bind(&path).unwrap();
         nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::PassCred, &true).unwrap();
         sock.set_read_timeout(Some(T)).unwrap();
@@ -246,6 +248,7 @@ impl FakeSystemd {
             sock,
             path,
             extended: std::cell::Cell::new(0),
+            _dir: dir,
         }
     }
 

@@ -23,7 +23,7 @@ fn start(extra: &[&str]) -> (Grace, std::path::PathBuf) {
     let server_arg = server.to_str().unwrap().to_string();
     let mut all: Vec<&str> = args;
     all.extend(["--", &server_arg, "--behavior-file", &behavior_arg]);
-    let grace = Grace::start(&all);
+    let grace = Grace::start(&all).owning(dir);
     grace.wait_line(") is serving", T);
     (grace, behavior)
 }

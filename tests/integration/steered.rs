@@ -87,7 +87,6 @@ fn go_tutorial_shutdown_server_loses_nothing() {
     grace.wait_line(") is serving", T);
     four_restarts_under_load(&grace, grace.addr(), true);
     stop(grace);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Through `--inject` (it binds its own port; grace substitutes its bind), probed over
@@ -140,7 +139,6 @@ fn python_http_server_loses_nothing() {
     grace.wait_line(") is serving", T);
     four_restarts_under_load(&grace, listen.parse().unwrap(), false);
     stop(grace);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The client connections each pid counted.
@@ -216,5 +214,4 @@ fn a_version_that_never_becomes_ready_never_sees_a_client() {
         grace.describe()
     );
     stop(grace);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -60,7 +60,6 @@ fn a_static_go_server_that_binds_its_port_loses_nothing() {
     grace.wait_line(") is serving", T);
     four_restarts_under_load(&grace, listen.parse().unwrap(), true);
     stop(grace);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -103,7 +102,6 @@ fn caddy_with_a_bind_directive_loses_nothing() {
     // caddy's reply does not name its pid: new pids are checked from grace's log.
     four_restarts_under_load(&grace, listen.parse().unwrap(), false);
     stop(grace);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A generation that binds in a loop while grace re-executes: every call is answered (by the
@@ -146,7 +144,6 @@ fn binds_racing_a_restart_are_answered() {
         assert!(worst_ms < 1000.0, "a bind waited {worst_ms} ms: {text}");
     }
     stop(grace);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// grace run by another user than root: the filter needs `no_new_privs`, which grace sets in the
@@ -186,7 +183,6 @@ fn as_another_user_the_server_runs_with_no_new_privs_and_is_substituted() {
     let (_, body) = crate::harness::http_get(listen.parse().unwrap(), "/").unwrap();
     assert_eq!(crate::harness::served_by(&body), pid);
     stop(grace);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `--listen :PORT` is the dual-stack `[::]:PORT`; a server binding `0.0.0.0:PORT` would get IPv6

@@ -14,7 +14,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::harness::{
-    example, free_port, grace_bin, http_get, install, install_copy, served_by, temp_dir, wait_for,
+    TempDir, example, free_port, grace_bin, http_get, install, install_copy, served_by, temp_dir,
+    wait_for,
 };
 use crate::load::Load;
 
@@ -26,7 +27,7 @@ fn script() -> PathBuf {
 
 /// One running user manager, stopped (by PID, with its cgroup removed) when dropped.
 struct Manager {
-    dir: PathBuf,
+    dir: TempDir,
 }
 
 impl Manager {
@@ -121,7 +122,6 @@ impl Manager {
 impl Drop for Manager {
     fn drop(&mut self) {
         let _ = Command::new(script()).arg("stop").arg(&self.dir).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

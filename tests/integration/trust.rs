@@ -90,8 +90,6 @@ fn two_pid1_graces_in_one_network_namespace_each_answer_only_their_own_client() 
         assert_eq!(code, Some(0), "{out}{err}");
         assert_eq!(g.wait_exit(T).code(), Some(0));
     }
-    let _ = std::fs::remove_dir_all(&dir_a);
-    let _ = std::fs::remove_dir_all(&dir_b);
 }
 
 /// Runs `squatter.py NAME` (as `uid`, if given) and waits until it listens.
@@ -139,7 +137,6 @@ fn a_squatter_on_the_abstract_name_is_never_taken_for_grace() {
         squatter.kill().unwrap();
         squatter.wait().unwrap();
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -163,7 +160,6 @@ fn a_pid_file_older_than_its_process_is_stale() {
     assert!(err.contains("is stale"), "{err}");
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -253,7 +249,6 @@ fn rolled_back_worker_is_killed(uid: Option<u32>, tracking: &str) {
         assert_eq!(code, 200);
         assert_eq!(served_by(&body), old, "served by the rolled-back release");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -344,7 +339,6 @@ fn a_flood_from_another_user_costs_a_few_lines_and_no_latency() {
     assert!(lines < 300, "{lines} warning lines for {sent} attempts");
     assert!(grace.count_lines("suppressed") > 0, "{}", grace.describe());
     assert_eq!(grace.count_lines("re-executing"), 0, "nobody restarted it");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -387,5 +381,4 @@ fn pid_and_status_files_are_never_written_through_a_symlink() {
         .collect();
     assert_eq!(names.len(), 3, "{names:?}");
     drop(grace);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -97,7 +97,6 @@ fn a_slow_client_and_a_silent_one_delay_neither_status_nor_sigterm() {
     slow.write_all(b"s").unwrap();
     let took = sigterm_latency(&grace);
     assert!(took < Duration::from_millis(100), "SIGTERM took {took:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -131,7 +130,6 @@ fn a_new_generation_that_never_answers_its_probe_does_not_slow_grace() {
     assert!(line.contains("GET /health: no reply within"), "{line}");
     let took = sigterm_latency_of_python(&mut grace);
     assert!(took < Duration::from_secs(1), "stop took {took:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The Python fixture prints nothing on SIGTERM: time until grace has exited.
@@ -193,7 +191,6 @@ fn a_thousand_clients_at_once_are_capped_refused_and_leave_no_fd_behind() {
         "{}",
         grace.describe()
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Runs `grace run` as a re-executed image would start, with `record` as its handoff.

@@ -32,7 +32,8 @@ fn start_copy(tag: &str) -> (Grace, std::path::PathBuf) {
             "--",
             server.to_str().unwrap(),
         ],
-    );
+    )
+    .owning(dir);
     grace.wait_line(") is serving", T);
     (grace, copy)
 }
