@@ -4,6 +4,7 @@ mod bad_input;
 mod contract;
 mod faults;
 mod finishing;
+mod fleet;
 mod gunicorn;
 mod harness;
 mod inject;
