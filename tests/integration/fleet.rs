@@ -2,36 +2,38 @@
 //! ansible-core (which `.ci/deps` installs) against three local "hosts", each a grace with its own
 //! port, control socket and installed server, under load.
 
-use std::fs::File;
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use crate::harness::{
-    Grace, example, grace_bin, http_get, install_copy, served_by, served_by_other, temp_dir,
-};
-use crate::load::Load;
+use crate::harness::{Grace, example, grace_bin, install_copy, temp_dir, wait_for};
+use crate::load::{Load, Tally};
 
 /// Where `.ci/deps` installs ansible-core (a venv of its own, pinned).
 const ANSIBLE_VENV: &str = "/opt/grace-ci/ansible/bin/ansible-playbook";
 const T: Duration = Duration::from_secs(20);
-/// ansible-playbook starts slowly and runs every task in a new Python process: a few seconds a
-/// run here, far less than this.
-const PLAYBOOK_TIMEOUT: Duration = Duration::from_secs(120);
+/// ansible-playbook starts slowly and runs every task in new Python processes: 4-10s a run here
+/// on a quiet machine, 40s with another test suite running beside it on the 2 cores, and 2
+/// minutes with a release build as well.
+const PLAYBOOK_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// The venv's ansible-playbook, else one on `PATH`; a clear failure if there is neither.
 fn ansible_playbook() -> PathBuf {
     if Path::new(ANSIBLE_VENV).exists() {
         return PathBuf::from(ANSIBLE_VENV);
     }
-    which::which("ansible-playbook")
-        .unwrap_or_else(|_| panic!("ansible-playbook is missing: run .ci/deps (it installs ansible-core in /opt/grace-ci/ansible)"))
+    which::which("ansible-playbook").unwrap_or_else(|_| {
+        panic!("{ANSIBLE_VENV} is missing and no ansible-playbook is on PATH: run .ci/deps")
+    })
 }
 
 /// One "host": a grace on a port of its own with its own control socket, running the server
@@ -140,8 +142,6 @@ fn rollout(ansible_playbook: &Path, dir: &Path, inventory: &Path, new_binary: &P
     // /etc/ansible/ansible.cfg is read.
     let config = ansible.join("ansible.cfg");
     std::fs::write(&config, "[defaults]\n").unwrap();
-    let log = dir.join("ansible.log");
-    let out = File::create(&log).unwrap();
     let mut cmd = Command::new(ansible_playbook);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("ANSIBLE_") {
@@ -168,12 +168,26 @@ fn rollout(ansible_playbook: &Path, dir: &Path, inventory: &Path, new_binary: &P
         .arg("-e")
         .arg(json!({ "new_binary": new_binary }).to_string())
         .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
         // Its own process group, so a run past its time is stopped with all its workers.
         .process_group(0);
+    // stdout and stderr in one pipe, in the order ansible wrote them, each line with the time
+    // since the start: where a slow run spent its time.
+    let (reader, writer) = std::io::pipe().unwrap();
+    cmd.stdout(writer.try_clone().unwrap()).stderr(writer);
     let started = Instant::now();
     let mut child = cmd.spawn().unwrap();
+    drop(cmd);
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let collector = {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                let at = started.elapsed().as_secs_f64();
+                lines.lock().unwrap().push(format!("{at:6.2}s {line}"));
+            }
+        })
+    };
+    let output = |lines: &Mutex<Vec<String>>| lines.lock().unwrap().join("\n");
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
@@ -183,15 +197,21 @@ fn rollout(ansible_playbook: &Path, dir: &Path, inventory: &Path, new_binary: &P
             let _ = child.wait();
             panic!(
                 "ansible-playbook ran past {PLAYBOOK_TIMEOUT:?}\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
+                output(&lines)
             );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let took = started.elapsed();
+    // Its workers are gone with it, and the pipe's last writer with them.
+    wait_for("the end of ansible's output", T, || {
+        collector.is_finished().then_some(())
+    });
+    collector.join().unwrap();
     let run = Run {
         code: status.code(),
-        output: std::fs::read_to_string(&log).unwrap(),
-        took: started.elapsed(),
+        output: output(&lines),
+        took,
     };
     eprintln!(
         "fleet: ansible-playbook with {} took {:?}",
@@ -199,6 +219,29 @@ fn rollout(ansible_playbook: &Path, dir: &Path, inventory: &Path, new_binary: &P
         run.took
     );
     run
+}
+
+/// Runs `rollout` with a client sending requests to each host from before it starts to after it
+/// ends; what each host's client saw, with no failed request. A load of its own for each rollout,
+/// since a load stops by itself after two minutes.
+fn under_load(hosts: &[Host], rollout: impl FnOnce() -> Run) -> (Run, Vec<Tally>) {
+    let loads: Vec<Load> = hosts.iter().map(|h| Load::start(h.addr, 1, "/")).collect();
+    for load in &loads {
+        load.wait_more(20, T);
+    }
+    let run = rollout();
+    for load in &loads {
+        load.wait_more(20, T);
+    }
+    let seen: Vec<Tally> = loads.into_iter().map(Load::finish).collect();
+    for (host, seen) in hosts.iter().zip(&seen) {
+        assert_eq!(
+            seen.failed, 0,
+            "{}: {:?}\n{}",
+            host.name, seen.errors, run.output
+        );
+    }
+    (run, seen)
 }
 
 #[test]
@@ -220,14 +263,10 @@ fn a_rollout_goes_host_by_host_and_stops_at_the_first_rollback() {
     // The Python that runs ansible-playbook, named: no interpreter discovery, no warning.
     text.push_str("\n[all:vars]\nansible_python_interpreter=\"{{ ansible_playbook_python }}\"\n");
     std::fs::write(&inventory, text).unwrap();
-    let loads: Vec<Load> = hosts.iter().map(|h| Load::start(h.addr, 1, "/")).collect();
-    for load in &loads {
-        load.wait_more(20, T);
-    }
     let first: Vec<i32> = hosts.iter().map(Host::current_pid).collect();
 
     // A good release reaches every host, one after the other.
-    let run = rollout(&ansible, &dir, &inventory, &new);
+    let (run, seen) = under_load(&hosts, || rollout(&ansible, &dir, &inventory, &new));
     assert_eq!(run.code, Some(0), "{}", run.output);
     assert!(!run.output.contains("[WARNING]"), "{}", run.output);
     let order: Vec<usize> = hosts
@@ -243,7 +282,7 @@ fn a_rollout_goes_host_by_host_and_stops_at_the_first_rollback() {
         run.output
     );
     let mut second = Vec::new();
-    for (host, &before) in hosts.iter().zip(&first) {
+    for ((host, &before), seen) in hosts.iter().zip(&first).zip(&seen) {
         let status = host.status();
         assert_eq!(
             status["current"]["generation"], 2,
@@ -257,17 +296,14 @@ fn a_rollout_goes_host_by_host_and_stops_at_the_first_rollback() {
         );
         let pid = host.current_pid();
         assert_ne!(pid, before, "{}", host.name);
-        assert_eq!(served_by_other(host.addr, before), pid, "{}", host.name);
+        assert_eq!(seen.pids, BTreeSet::from([before, pid]), "{}", host.name);
         host.assert_installed(&new, "the new release");
         second.push(pid);
-    }
-    for load in &loads {
-        load.wait_more(20, T);
     }
 
     // A broken release stops at the first host, which goes on serving the release it had; the
     // others are not touched.
-    let run = rollout(&ansible, &dir, &inventory, &broken);
+    let (run, seen) = under_load(&hosts, || rollout(&ansible, &dir, &inventory, &broken));
     assert_eq!(run.code, Some(2), "{}", run.output);
     assert!(
         run.output
@@ -278,20 +314,14 @@ fn a_rollout_goes_host_by_host_and_stops_at_the_first_rollback() {
     );
     let (stopped, untouched) = hosts.split_first().unwrap();
     assert!(run.first_result(stopped.name).is_some(), "{}", run.output);
-    for host in untouched {
-        assert_eq!(run.first_result(host.name), None, "{}", run.output);
-    }
     let status = stopped.status();
     assert_eq!(status["last_restart"]["result"], "rolled_back", "{status}");
+    assert_eq!(status["restarts"], 2, "{status}");
     stopped
         .grace
         .wait_line("restart rolled back: generation 3 exited with status 1", T);
-    assert_eq!(status["restarts"], 2, "{status}");
-    for (host, &pid) in hosts.iter().zip(&second) {
-        assert_eq!(host.current_pid(), pid, "{}", host.name);
-        host.assert_installed(&new, "the release it serves");
-    }
     for host in untouched {
+        assert_eq!(run.first_result(host.name), None, "{}", run.output);
         assert_eq!(host.status()["restarts"], 1, "{} was restarted", host.name);
         assert_eq!(
             host.grace.count_lines("started generation 3"),
@@ -300,13 +330,10 @@ fn a_rollout_goes_host_by_host_and_stops_at_the_first_rollback() {
             host.name
         );
     }
-    let body = http_get(stopped.addr, "/").unwrap().1;
-    assert_eq!(served_by(&body), second[0], "{}", stopped.name);
-
-    for (host, load) in hosts.iter().zip(loads) {
-        let tally = load.finish();
-        assert_eq!(tally.failed, 0, "{}: {:?}", host.name, tally.errors);
-        assert!(tally.pids.len() >= 2, "{}: {:?}", host.name, tally.pids);
+    for ((host, &pid), seen) in hosts.iter().zip(&second).zip(&seen) {
+        assert_eq!(host.current_pid(), pid, "{}", host.name);
+        assert_eq!(seen.pids, BTreeSet::from([pid]), "{}", host.name);
+        host.assert_installed(&new, "the release it serves");
     }
     drop(hosts);
     let _ = std::fs::remove_dir_all(&dir);
