@@ -45,7 +45,7 @@ set edit:completion:arg-completer[grace] = {|@words|
             cand --compat 'Also set the environment another tool''s servers expect (repeatable)'
             cand --backlog 'Listen backlog [default: the system''s somaxconn]'
             cand --socket-mode 'File mode for unix socket files, in octal (e.g. 660)'
-            cand --inject 'For servers that bind their own port: a seccomp filter in every generation hands a server that binds a --listen address its generation''s socket instead, whatever the binary (Go, static, musl); nothing is added to its environment. As a user other than root the server runs with no_new_privs, which the kernel requires for the filter. Needs Linux 5.9: `auto` says so and runs without it on older kernels, `always` refuses to start'
+            cand --inject 'For servers that bind their own port: a seccomp filter in every generation hands a server that binds a --listen address its generation''s socket instead, whatever the binary (Go, static, musl); nothing is added to its environment. Where grace lacks CAP_SYS_ADMIN (a user other than root, or root in a container) the server runs with no_new_privs, which the kernel then requires for the filter. Needs Linux 5.9: `auto` says so and runs without it on older kernels, `always` refuses to start'
             cand --no-listen-pid 'Do not set LISTEN_PID (for servers started through a wrapper that does not `exec`)'
             cand -h 'Print help (see more with ''--help'')'
             cand --help 'Print help (see more with ''--help'')'

@@ -173,8 +173,9 @@ pub struct RunArgs {
 
     /// For servers that bind their own port: a seccomp filter in every generation hands a server
     /// that binds a --listen address its generation's socket instead, whatever the binary (Go,
-    /// static, musl); nothing is added to its environment. As a user other than root the server
-    /// runs with no_new_privs, which the kernel requires for the filter. Needs Linux 5.9: `auto`
+    /// static, musl); nothing is added to its environment. Where grace lacks CAP_SYS_ADMIN (a user
+    /// other than root, or root in a container) the server runs with no_new_privs, which the
+    /// kernel then requires for the filter. Needs Linux 5.9: `auto`
     /// says so and runs without it on older kernels, `always` refuses to start.
     #[arg(long, value_name = "WHEN", value_enum, default_value_t = InjectMode::Auto)]
     pub inject: InjectMode,

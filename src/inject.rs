@@ -16,17 +16,17 @@ use crate::substitute;
 pub enum Mechanism {
     /// No substitution: `--inject never`, or `auto` on a kernel that cannot do it.
     Off,
-    /// A seccomp filter in every generation; `no_new_privs` when grace is not root (the kernel
-    /// requires it of an unprivileged process installing a filter).
+    /// A seccomp filter in every generation; `no_new_privs` when grace lacks `CAP_SYS_ADMIN` (the
+    /// kernel requires one or the other of a process installing a filter).
     Seccomp { no_new_privs: bool },
 }
 
-/// What `mode` comes to, given whether the kernel can substitute binds and whether grace is root.
-/// `--inject always` on a kernel that cannot is an error, with the line to show.
+/// What `mode` comes to, given whether the kernel can substitute binds and whether grace has
+/// `CAP_SYS_ADMIN`. `--inject always` on a kernel that cannot is an error, with the line to show.
 fn choose(
     mode: InjectMode,
     kernel: Result<(), String>,
-    root: bool,
+    privileged: bool,
 ) -> Result<(Mechanism, String), String> {
     let seccomp = |no_new_privs| Mechanism::Seccomp { no_new_privs };
     match (mode, kernel) {
@@ -34,10 +34,10 @@ fn choose(
             Mechanism::Off,
             "--inject never: a server that binds a --listen address itself finds it in use".into(),
         )),
-        (_, Ok(())) if root => Ok((
+        (_, Ok(())) if privileged => Ok((
             seccomp(false),
             "a server's bind of a --listen address gets grace's socket (seccomp user \
-             notification; grace is root, so no no_new_privs)"
+             notification; grace has CAP_SYS_ADMIN, so no no_new_privs)"
                 .into(),
         )),
         (_, Ok(())) => Ok((
@@ -64,11 +64,27 @@ fn choose(
 }
 
 fn decide(mode: InjectMode) -> Result<(Mechanism, String), String> {
-    choose(
-        mode,
-        substitute::supported(),
-        nix::unistd::geteuid().is_root(),
-    )
+    choose(mode, substitute::supported(), has_cap_sys_admin())
+}
+
+/// Whether grace may install a filter without `no_new_privs`: the kernel asks for `CAP_SYS_ADMIN`,
+/// not for uid 0. A container's root lacks it (Docker's default capabilities leave it out), and
+/// there a filter without `no_new_privs` fails with EACCES. Unknown counts as no: `no_new_privs`
+/// always works.
+fn has_cap_sys_admin() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| effective_caps(&status))
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
+}
+
+/// `CAP_SYS_ADMIN` in `linux/capability.h`.
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// The effective capability set from the text of `/proc/PID/status`.
+fn effective_caps(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
 }
 
 /// The mechanism for this run (checked at start: an image that runs has a usable one).
@@ -102,22 +118,25 @@ mod tests {
     #[test]
     fn each_mode_on_each_kernel() {
         let old = || Err("Linux 5.4.0 has no seccomp user notification".to_string());
-        let mechanism = |mode, kernel, root| choose(mode, kernel, root).map(|(m, _)| m);
-        for root in [true, false] {
+        let mechanism = |mode, kernel, privileged| choose(mode, kernel, privileged).map(|(m, _)| m);
+        for privileged in [true, false] {
             assert_eq!(
-                mechanism(InjectMode::Never, Ok(()), root),
+                mechanism(InjectMode::Never, Ok(()), privileged),
                 Ok(Mechanism::Off)
             );
             assert_eq!(
-                mechanism(InjectMode::Never, old(), root),
+                mechanism(InjectMode::Never, old(), privileged),
                 Ok(Mechanism::Off)
             );
-            assert_eq!(mechanism(InjectMode::Auto, old(), root), Ok(Mechanism::Off));
+            assert_eq!(
+                mechanism(InjectMode::Auto, old(), privileged),
+                Ok(Mechanism::Off)
+            );
             for mode in [InjectMode::Auto, InjectMode::Always] {
                 assert_eq!(
-                    mechanism(mode, Ok(()), root),
+                    mechanism(mode, Ok(()), privileged),
                     Ok(Mechanism::Seccomp {
-                        no_new_privs: !root
+                        no_new_privs: !privileged
                     })
                 );
             }
@@ -130,5 +149,17 @@ mod tests {
         assert!(refused.contains("LISTEN_FDS"), "{refused}");
         let (_, said) = choose(InjectMode::Auto, old(), false).unwrap();
         assert!(said.contains("finds it in use"), "{said}");
+    }
+
+    #[test]
+    fn cap_sys_admin_is_read_from_the_effective_set() {
+        // A host's root (every capability), and a container's root under Docker's defaults.
+        let host = "Name:\tgrace\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        let docker =
+            "CapPrm:\t00000000a80425fb\nCapEff:\t00000000a80425fb\nCapBnd:\t00000000a80425fb\n";
+        let caps = |status| effective_caps(status).map(|c| c & (1 << CAP_SYS_ADMIN) != 0);
+        assert_eq!(caps(host), Some(true));
+        assert_eq!(caps(docker), Some(false));
+        assert_eq!(caps("Name:\tgrace\n"), None);
     }
 }
