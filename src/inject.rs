@@ -5,11 +5,15 @@
 //! seccomp filter that reaches every binary. This module turns the flag and the kernel into the
 //! mechanism for the run, refuses what cannot be done, and says once which was chosen and why.
 
+use std::sync::OnceLock;
+
+use nix::errno::Errno;
 use tracing::info;
 
 use crate::cli::InjectMode;
 use crate::exit::{self, ExitError};
 use crate::substitute;
+use crate::sys::seccomp;
 
 /// How a bind of a held address reaches grace's socket in this run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +68,40 @@ fn choose(
 }
 
 fn decide(mode: InjectMode) -> Result<(Mechanism, String), String> {
-    choose(mode, substitute::supported(), has_cap_sys_admin())
+    let privileged = has_cap_sys_admin();
+    if mode == InjectMode::Never {
+        return choose(mode, Ok(()), privileged);
+    }
+    choose(mode, usable(!privileged), privileged)
+}
+
+/// Whether generations can be given the filter here: a recent enough kernel, and, where this
+/// process already runs under seccomp (a container's profile, or a grace or sandbox with its own
+/// listener), a trial install in a child. Found out once per image: neither changes across
+/// grace's re-execs.
+fn usable(no_new_privs: bool) -> Result<(), String> {
+    static FOUND: OnceLock<Result<(), String>> = OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            substitute::supported()?;
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            if status
+                .lines()
+                .any(|l| l.split_whitespace().eq(["Seccomp:", "0"]))
+            {
+                return Ok(());
+            }
+            seccomp::try_install(no_new_privs).map_err(|e| match e {
+                Errno::EBUSY => concat!(
+                    "the bind filter cannot be installed: grace runs under a seccomp filter that ",
+                    "has a listener already (grace under grace, or under a sandbox that uses ",
+                    "seccomp user notification)"
+                )
+                .to_string(),
+                e => format!("the bind filter cannot be installed here: {}", e.desc()),
+            })
+        })
+        .clone()
 }
 
 /// Whether grace may install a filter without `no_new_privs`: the kernel asks for `CAP_SYS_ADMIN`,

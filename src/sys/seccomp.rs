@@ -105,6 +105,54 @@ pub unsafe fn install_in_child(
     }
 }
 
+/// Whether a child of this process could install the filter: a forked child tries, and exits
+/// with the errno. Under a filter that already has a listener (grace under grace, or under a tool
+/// that uses seccomp user notification) the kernel refuses a second one with `EBUSY`; without
+/// `CAP_SYS_ADMIN` and without `no_new_privs` it refuses with `EACCES`.
+pub fn try_install(no_new_privs: bool) -> Result<(), Errno> {
+    let program = bind_program();
+    // SAFETY: the child only makes system calls (prctl, seccomp, close, _exit) on memory that was
+    // in place before the fork, which is async-signal-safe in a multi-threaded parent too.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Errno::last());
+    }
+    if pid == 0 {
+        // SAFETY: as above; the child never returns from this block.
+        unsafe {
+            if no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                libc::_exit(*libc::__errno_location());
+            }
+            let prog = libc::sock_fprog {
+                len: program.len() as libc::c_ushort,
+                filter: program.as_ptr().cast_mut(),
+            };
+            let listener = libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+                &prog as *const libc::sock_fprog,
+            );
+            libc::_exit(if listener < 0 {
+                *libc::__errno_location()
+            } else {
+                0
+            });
+        }
+    }
+    let status = loop {
+        match nix::sys::wait::waitpid(Pid::from_raw(pid), None) {
+            Err(Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    match status {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => Ok(()),
+        nix::sys::wait::WaitStatus::Exited(_, errno) => Err(Errno::from_raw(errno)),
+        _ => Err(Errno::ECHILD),
+    }
+}
+
 /// `sendmsg` of one descriptor with a one-byte payload, from a stack buffer.
 ///
 /// # Safety
@@ -321,6 +369,45 @@ mod tests {
             },
             sin_zero: [0; 8],
         }
+    }
+
+    /// A process under a filter with a listener cannot give its children another one (EBUSY):
+    /// what `try_install` must find out before grace, run by a grace, starts any server.
+    #[test]
+    fn a_second_listener_is_refused_under_the_first() {
+        assert_eq!(try_install(true), Ok(()));
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let program = bind_program();
+        // SAFETY: the child makes system calls only, then exits.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: as above.
+            unsafe {
+                let mut code = install_in_child(&program, true, theirs.as_raw_fd());
+                if code == 0 {
+                    code = match try_install(true) {
+                        Err(Errno::EBUSY) => 0,
+                        Ok(()) => 100,
+                        Err(e) => 101 + (e as i32).min(100),
+                    };
+                }
+                libc::_exit(code);
+            }
+        }
+        drop(theirs);
+        // The listener must be drained for the child's own binds; it makes none.
+        let _listener = receive_listener(ours.as_fd());
+        let status = nix::sys::wait::waitpid(Pid::from_raw(pid), None).unwrap();
+        assert_eq!(
+            status,
+            nix::sys::wait::WaitStatus::Exited(Pid::from_raw(pid), 0)
+        );
     }
 
     /// What the kernel does with the filter: a child binds the address a socket of ours holds

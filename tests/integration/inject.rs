@@ -12,7 +12,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::harness::{
-    Grace, alive, example, fixture, free_port, http_get, require, served_by, temp_dir, wait_for,
+    Grace, alive, example, fixture, free_port, grace_bin, http_get, require, served_by, temp_dir,
+    wait_for,
 };
 use crate::load::Load;
 
@@ -417,7 +418,8 @@ fn static_bind_server() -> PathBuf {
     BUILT
         .get_or_init(|| {
             // Shared by the tests for the whole run: in cargo's directory for them, not a temporary one.
-            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bind_server_static");
+            let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("bind_server_static-{}", std::process::id()));
             let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/bind_server.rs");
             rustc(&[
                 "-C",
@@ -519,4 +521,67 @@ fn the_users_own_preload_library_still_loads() {
     );
     assert!(!maps.contains("grace-preload"), "no library of grace's");
     stop(grace);
+}
+
+/// Where generations cannot have the filter, `auto` says why in one line and serves by socket
+/// activation, and `always` refuses before anything is bound: a kernel before 5.9 (`setarch
+/// --uname-2.6` makes this one report 2.6), and grace under grace (the kernel allows one
+/// listener in a filter chain).
+#[test]
+fn where_the_filter_cannot_be_had_auto_says_why_and_always_refuses() {
+    let grace = grace_bin();
+    let grace = grace.to_str().unwrap();
+    let server = example("server");
+    let server = server.to_str().unwrap();
+    let old_kernel: &[&str] = &["setarch", "x86_64", "--uname-2.6", grace];
+    let nested = |outer_port: String| -> Vec<String> {
+        [grace, "run", "--listen", &outer_port, "--", grace]
+            .map(String::from)
+            .to_vec()
+    };
+    let cases: [(Vec<String>, &str); 2] = [
+        (
+            old_kernel.iter().map(|s| s.to_string()).collect(),
+            "Linux 2.6",
+        ),
+        (
+            nested(format!("127.0.0.1:{}", free_port())),
+            "has a listener already",
+        ),
+    ];
+    for (prefix, why) in &cases {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args: Vec<&str> = prefix[1..].iter().map(String::as_str).collect();
+        args.extend([
+            "run", "--listen", &listen, "--inject", "always", "--", server,
+        ]);
+        // The nested case's outer grace would start the inner one again and again: read the
+        // refusal from the output, then stop it.
+        let mut refusing = Grace::start_raw(&prefix[0], &args);
+        let line = refusing.wait_line("--inject always", T);
+        assert!(line.contains(why), "{line}");
+        if prefix[0] == "setarch" {
+            assert!(!refusing.wait_exit(T).success());
+        }
+        let output = refusing.output();
+        assert!(
+            !output.contains(&format!("started generation 1: {server}")),
+            "nothing started: {output}"
+        );
+        assert!(
+            TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "nothing bound"
+        );
+        drop(refusing);
+
+        args.retain(|a| *a != "always" && *a != "--inject");
+        let running = Grace::start_raw(&prefix[0], &args);
+        let line = running.wait_line("finds it in use", T);
+        assert!(line.contains(why), "{line}");
+        let addr: SocketAddr = listen.parse().unwrap();
+        wait_for("the socket-activated server to answer", T, || {
+            http_get(addr, "/").ok()
+        });
+    }
 }
