@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod contract;
+mod docker;
 mod faults;
 mod finishing;
 mod fleet;
