@@ -216,8 +216,9 @@ impl Grace {
     fn spawn(mut cmd: Command, args: &[&str], tweak: impl FnOnce(&mut Command)) -> Grace {
         cmd.args(args)
             .env("GRACE_LOG", "debug")
-            // The tests' own switch, not something a server should see.
+            // The tests' own switches, not something a server should see.
             .env_remove("GRACE_TEST_BIN")
+            .env_remove("GRACE_REQUIRE_DOCKER")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
