@@ -41,7 +41,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if std::env::var_os(handoff::CHECK_ENV).is_some() {
         // A running grace asks whether this binary accepts its command line and can adopt its
-        // handoff record, before re-executing it.
+        // handoff record, before re-executing it. `--inject always` it could not honour here is
+        // a refusal, as at a fresh start.
+        if let Command::Run(args) = &cli.command
+            && let Err(err) = inject::check(args.inject)
+        {
+            eprintln!("grace: {err:#}");
+            return ExitCode::from(exit::FAILURE as u8);
+        }
         let versions: Vec<String> = handoff::READABLE.iter().map(u32::to_string).collect();
         println!("{}", versions.join(" "));
         return ExitCode::SUCCESS;

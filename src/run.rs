@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tracing::{info, warn};
 
-use crate::cli::RunArgs;
+use crate::cli::{InjectMode, RunArgs};
 use crate::control::ControlServer;
 use crate::event_loop::EventLoop;
 use crate::handoff::{self, Record};
@@ -115,6 +115,17 @@ fn adopt(text: &str, args: &RunArgs, signalfd: i32) -> anyhow::Result<(Superviso
             members.kill(id, pid, alive);
         }
     })?;
+    if held.library.is_some()
+        && args.inject != InjectMode::Never
+        && inject::mechanism(args.inject) == inject::Mechanism::Off
+    {
+        warn!(
+            "the grace before this one preloaded its socket library into servers that bind a \
+             --listen address; this one substitutes binds through seccomp, which this kernel \
+             cannot do: new generations of such a server will find the address in use (run the \
+             previous grace again, or have the server take its sockets by socket activation)"
+        );
+    }
     let sup = Supervisor::restore(policy_of(args, held.steering.any()), record.state);
     members.mark_killed(
         sup.generations()

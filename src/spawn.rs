@@ -64,7 +64,7 @@ pub fn resolve_command(command: &[OsString]) -> anyhow::Result<PathBuf> {
 }
 
 /// The fds (sockets in `--listen` order, then the private probe socket if any) and the
-/// environment a generation gets, before `--inject` adds to it.
+/// environment a generation gets.
 pub fn layout(
     listeners: &[Listener],
     sockets: Vec<RawFd>,

@@ -19,7 +19,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::harness::{TempDir, children_of, http_get, require, served_by, temp_dir, wait_for};
+use crate::harness::{
+    TempDir, children_of, http_get, require, served_by, sleeping, temp_dir, wait_for,
+};
 use crate::load::Load;
 
 const T: Duration = Duration::from_secs(20);
@@ -593,17 +595,6 @@ fn host_pid(grace: i32, inner: i32) -> Option<i32> {
     })
 }
 
-/// Whether a thread of `pid` sleeps (the example server's `/sleep`, on a thread of its own;
-/// nothing else in it sleeps while it serves).
-fn sleeping(pid: i32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|task| {
-        std::fs::read_to_string(task.path().join("wchan")).is_ok_and(|w| w.contains("nanosleep"))
-    })
-}
-
 /// Prints the container's output if the test fails while it exists.
 struct Logs<'a>(&'a Engine);
 
@@ -735,10 +726,11 @@ fn the_readme_sequence_in_a_real_container_loses_no_request() {
     // `docker stop -t 25`: SIGTERM to grace, which drains the request in flight and exits 0
     // long before Docker's SIGKILL.
     let server = host_pid(grace, third.1).expect("the current generation, seen from the host");
-    let slow = netns.spawn(move || http_get(addr, "/sleep?duration=1s"));
+    let slow = netns.spawn(move || http_get(addr, "/sleep?duration=3s"));
     wait_for("the slow request to be in the server", T, || {
         sleeping(server).then_some(())
     });
+    assert!(!slow.is_finished(), "still in flight when the stop begins");
     let started = Instant::now();
     engine.ok(&["stop", "-t", "25", "demo"]);
     let took = started.elapsed();

@@ -16,12 +16,37 @@ pub fn fixture(name: &str) -> PathBuf {
 }
 
 /// A port that was free a moment ago (for a server that needs the number before it starts).
+/// Picked below the kernel's ephemeral range: a port from that range (what binding port 0 gives)
+/// can be taken meanwhile as the source port of any test's client connection.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u16, low.max(10_001));
+    // Never the same port twice in this process: tests running at once each get their own.
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let free = |port: u16| {
+        let in_use =
+            |r: std::io::Result<()>| r.is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse);
+        TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            // The dual-stack address of `--listen :PORT`, where the machine has IPv6.
+            && !in_use(TcpListener::bind(("::", port)).map(drop))
+    };
+    loop {
+        // A random start (the standard hasher's keys are random), so that test processes running
+        // at once do not walk the same ports.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        let port = from + (hasher.finish() % u64::from(to - from)) as u16;
+        if !given.contains(&port) && free(port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// `path`, which Debian's `package` installs (`.ci/deps` does); a clear failure if it is missing.
@@ -99,6 +124,17 @@ impl Drop for TempDir {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Whether a thread of `pid` sleeps: the example server's `/sleep` request, on a thread of its
+/// own (nothing else in it sleeps while it serves), so a request is known to be in flight.
+pub fn sleeping(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|task| {
+        std::fs::read_to_string(task.path().join("wchan")).is_ok_and(|w| w.contains("nanosleep"))
+    })
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.

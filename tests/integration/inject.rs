@@ -163,8 +163,8 @@ fn rust_server_that_binds_its_port_restarts_under_load_losing_nothing() {
 }
 
 /// A server that calls `shutdown(SHUT_RDWR)` on its listening socket when it stops (to wake its
-/// accept threads, as many C and C++ servers do) must not stop the queue every generation
-/// shares: through the library the call does nothing to grace's socket.
+/// accept threads, as many C and C++ servers do) stops only its own generation's socket (what its
+/// bind got), never the one another generation accepts from.
 #[test]
 fn server_that_shuts_its_listener_down_restarts_under_load_losing_nothing() {
     let port = free_port();
@@ -183,11 +183,11 @@ fn server_that_shuts_its_listener_down_restarts_under_load_losing_nothing() {
     stop(grace);
 }
 
-/// A shutdown(2) the library cannot see (a raw system call) stops grace's socket; the server's
-/// next listen() on it brings it back, at its address, in a process that starts with the socket
-/// stopped.
+/// A server whose fd 3 (the socket grace passed) was stopped with a raw shutdown(2) before it
+/// execs again: its listen() on that socket runs for real (grace answers listen itself only on a
+/// socket that still listens) and brings it back, at its address.
 #[test]
-fn a_shared_socket_stopped_behind_the_librarys_back_listens_again() {
+fn a_passed_socket_stopped_before_exec_listens_again() {
     let port = free_port();
     let script = fixture("inject_shutdown_server.py");
     let (grace, addr) = start(
@@ -205,8 +205,8 @@ fn a_shared_socket_stopped_behind_the_librarys_back_listens_again() {
 }
 
 /// A UDP server binding `0.0.0.0:P` does not get the dual-stack socket of `udp://:P` (its
-/// recvfrom would give it IPv6 senders cut to an IPv4 buffer): its bind fails, and the library
-/// says why.
+/// recvfrom would give it IPv6 senders cut to an IPv4 buffer): its bind fails, and grace says
+/// why.
 #[test]
 fn ipv4_udp_server_is_not_given_the_dual_stack_socket() {
     let port = std::net::UdpSocket::bind("127.0.0.1:0")

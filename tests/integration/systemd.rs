@@ -14,8 +14,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use crate::harness::{
-    TempDir, example, free_port, grace_bin, http_get, install, install_copy, served_by, temp_dir,
-    wait_for,
+    TempDir, example, free_port, grace_bin, http_get, install, install_copy, served_by, sleeping,
+    temp_dir, wait_for,
 };
 use crate::load::Load;
 
@@ -187,23 +187,13 @@ fn serving(manager: &Manager, unit: &str, addr: SocketAddr, generation: u64) -> 
     pid
 }
 
-/// Whether one of `pid`'s threads sleeps (the example server's `/sleep` handler, on a thread of
-/// its own; nothing else in it sleeps while it serves).
-fn sleeping(pid: i32) -> bool {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return false;
-    };
-    tasks.flatten().any(|task| {
-        std::fs::read_to_string(task.path().join("wchan")).is_ok_and(|w| w.contains("nanosleep"))
-    })
-}
-
 /// `systemctl stop` finishes a request in flight, then the unit is inactive with nothing bound.
 fn stop_finishes_in_flight(manager: &Manager, unit: &str, addr: SocketAddr, server: i32) {
-    let slow = std::thread::spawn(move || http_get(addr, "/sleep?duration=1s"));
+    let slow = std::thread::spawn(move || http_get(addr, "/sleep?duration=3s"));
     wait_for("the slow request to be in the server", T, || {
         sleeping(server).then_some(())
     });
+    assert!(!slow.is_finished(), "still in flight when the stop begins");
     manager.ok(&["stop", unit]);
     let (status, body) = slow.join().unwrap().unwrap();
     assert_eq!((status, served_by(&body)), (200, server), "{body}");
@@ -280,12 +270,6 @@ fn notify_unit(version: &str) {
     load.wait_more(50, T);
     for generation in 2..=4 {
         manager.ok(&["reload", unit]);
-        // `grace restart` returned after the new generation served: no waiting here.
-        let status = manager.show(unit, "StatusText");
-        assert!(
-            status.starts_with(&format!("serving: generation {generation} ")),
-            "{status}"
-        );
         let next = serving(&manager, unit, addr, generation);
         assert_ne!(next, server);
         server = next;
@@ -299,11 +283,13 @@ fn notify_unit(version: &str) {
     assert!(!reload.status.success(), "a rolled-back reload fails");
     assert!(said.contains("failed"), "{said}");
     assert_eq!(manager.show(unit, "ReloadResult"), "exit-code");
-    assert!(
-        manager
-            .show(unit, "StatusText")
+    // STATUS comes over a socket of its own: systemd may read it after the reload job ended.
+    wait_for("STATUS of the rollback", T, || {
+        let status = manager.show(unit, "StatusText");
+        status
             .starts_with("restart failed: generation 5")
-    );
+            .then_some(())
+    });
     assert_eq!(served_by(&http_get(addr, "/").unwrap().1), server);
     assert_eq!(manager.show(unit, "ActiveState"), "active");
     load.wait_more(50, T);

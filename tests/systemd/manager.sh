@@ -76,27 +76,42 @@ start() {
     [ -x "$systemd" ] || { echo "manager.sh: $systemd is missing (run .ci/deps)" >&2; return 1; }
     mkdir -p "$dir"/{run,config/systemd/user,state,cache,data}
     chmod 700 "$dir/run"
-    local cgroup=/sys/fs/cgroup/unified/grace-test-$(basename "$dir")-$$
-    [ -d /sys/fs/cgroup/unified ] || cgroup=/sys/fs/cgroup/grace-test-$(basename "$dir")-$$
+    # A cgroup2 hierarchy to make the cgroup in: the unified one of a hybrid layout, or the root.
+    local parent
+    for parent in /sys/fs/cgroup/unified /sys/fs/cgroup ""; do
+        [ -n "$parent" ] && [ "$(stat -fc %T "$parent" 2> /dev/null)" = cgroup2fs ] && break
+    done
+    [ -n "$parent" ] || { echo "manager.sh: no cgroup2 hierarchy to confine a manager in" >&2; return 1; }
+    local cgroup
+    cgroup=$parent/grace-test-$(basename "$dir")-$$
     mkdir "$cgroup"
     echo "$cgroup" > "$dir/cgroup"
     echo "$systemctl $libs" > "$dir/systemctl"
     cat > "$dir/inner.sh" <<INNER
 #!/bin/bash
 set -e
+# Only ever as the root of our own cgroup: anything else and this manager could see them all.
+[ "\$(cat /proc/self/cgroup | sed -n 's/^0:://p')" = / ] || { echo "not in a cgroup namespace of our own" >&2; exit 1; }
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount --bind "$dir/kmsg" /dev/kmsg
 mount -t tmpfs tmpfs /run/systemd
 mkdir -p /run/systemd/system
 if [ "$libs" != - ]; then mount --bind "$libs" "$LIBDIR"; fi
 export XDG_RUNTIME_DIR="$dir/run" XDG_CONFIG_HOME="$dir/config" XDG_STATE_HOME="$dir/state"
 export XDG_CACHE_HOME="$dir/cache" XDG_DATA_HOME="$dir/data"
 unset DBUS_SESSION_BUS_ADDRESS NOTIFY_SOCKET LISTEN_FDS LISTEN_PID LISTEN_FDNAMES
-exec "$systemd" --user --log-target=console --log-level=info
+exec "$systemd" --user --log-target=kmsg --log-level=info
 INNER
     chmod +x "$dir/inner.sh"
+    # The manager logs to "/dev/kmsg", which in its namespace is this fifo; a reader in the same
+    # cgroup (so that stopping the cgroup stops it) appends it to manager.log.
+    rm -f "$dir/kmsg"
+    mkfifo "$dir/kmsg"
+    : > "$dir/manager.log"
+    setsid bash -c "echo \$\$ > '$cgroup/cgroup.procs' && exec cat '$dir/kmsg'" < /dev/null >> "$dir/manager.log" 2>&1 &
     # Into the cgroup first, then the namespaces: the manager never sees the root cgroup.
     setsid bash -c "echo \$\$ > '$cgroup/cgroup.procs' && exec unshare --mount --propagation private --cgroup '$dir/inner.sh'" \
-        < /dev/null > "$dir/manager.log" 2>&1 &
+        < /dev/null >> "$dir/manager.log" 2>&1 &
     echo $! > "$dir/manager.pid"
     local i
     for i in $(seq 100); do
@@ -122,25 +137,40 @@ ctl() {
     nsenter -t "$(cat "$dir/manager.pid")" -m env XDG_RUNTIME_DIR="$dir/run" "$systemctl" --user "$@"
 }
 
+# Every process in the cgroup subtree $1.
+procs() {
+    find "$1" -name cgroup.procs -exec cat {} + 2> /dev/null
+}
+
 stop() {
-    local dir pid i
+    local dir cgroup i
     dir=$(realpath -m "$1")
-    pid=$(cat "$dir/manager.pid" 2> /dev/null) || return 0
-    kill -TERM "$pid" 2> /dev/null || true
-    for i in $(seq 100); do kill -0 "$pid" 2> /dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2> /dev/null || true
-    local cgroup
-    cgroup=$(cat "$dir/cgroup")
-    # Whatever is left in the subtree, then the subtree itself, deepest first.
+    cgroup=$(cat "$dir/cgroup" 2> /dev/null) || return 0
+    [ -d "$cgroup" ] || return 0
+    # Only what is in the manager's cgroup is signalled, never a remembered PID (which, once its
+    # process is gone, may be anyone's): the manager first, so that it stops its units, then
+    # whatever is left.
+    local manager
+    manager=$(cat "$dir/manager.pid" 2> /dev/null) || manager=
+    if [ -n "$manager" ] && procs "$cgroup" | grep -qx "$manager"; then
+        kill -TERM "$manager" 2> /dev/null || true
+        for i in $(seq 100); do procs "$cgroup" | grep -qx "$manager" || break; sleep 0.1; done
+    fi
     for i in $(seq 50); do
-        local left
-        left=$(find "$cgroup" -name cgroup.procs -exec cat {} + 2> /dev/null)
-        [ -z "$left" ] && break
-        kill -KILL $left 2> /dev/null || true
+        [ -z "$(procs "$cgroup")" ] && break
+        if [ -e "$cgroup/cgroup.kill" ]; then
+            echo 1 > "$cgroup/cgroup.kill"
+        else
+            procs "$cgroup" | xargs -r kill -KILL 2> /dev/null || true
+        fi
         sleep 0.1
     done
+    # The subtree, deepest first.
     find "$cgroup" -depth -type d -exec rmdir {} + 2> /dev/null || true
-    rm -f "$dir/manager.pid"
+    if [ -d "$cgroup" ]; then
+        echo "manager.sh: $cgroup is left, with processes $(procs "$cgroup" | tr '\n' ' ')" >&2
+        return 1
+    fi
 }
 
 command=${1:-}
