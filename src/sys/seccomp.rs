@@ -2,9 +2,9 @@
 //! and grace's side of the conversation (receive a call, read its address, put a socket in place,
 //! answer or let the call go on).
 //!
-//! The filter reports only `bind` calls whose address length is that of an IPv4 or IPv6 address
-//! (`sockaddr_in`, `sockaddr_in6`); everything else, unix sockets included, never leaves the
-//! kernel. A reported call waits until grace answers: with success after it installed its own
+//! The filter reports only `bind` calls whose address length can be an IPv4 or IPv6 address's
+//! (that of `sockaddr_in` or `sockaddr_in6`, or that of a buffer larger than any unix address);
+//! everything else, nearly every unix bind included, never leaves the kernel. A reported call waits until grace answers: with success after it installed its own
 //! socket at the caller's descriptor (`SECCOMP_IOCTL_NOTIF_ADDFD` with `SECCOMP_ADDFD_FLAG_SETFD`,
 //! like `dup3`), or with `SECCOMP_USER_NOTIF_FLAG_CONTINUE`, which runs the call as if no filter
 //! were there.
@@ -28,44 +28,63 @@ const DATA_ADDRLEN: u32 = 16 + 2 * 8;
 
 const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const BPF_JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
 const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 
 /// The filter's instructions, in a fixed array so that the child installs it without allocating.
-pub type Program = [libc::sock_filter; 10];
+pub type Program = [libc::sock_filter; 12];
 
 const fn op(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// `bind` with an address the size of `sockaddr_in` or `sockaddr_in6`, and `listen` (so that a
-/// server's backlog does not shrink grace's socket): to grace; the rest runs. (Jump offsets count
-/// the instructions skipped.)
+/// The longest `sockaddr_un` a `bind` accepts: a longer address is never a unix socket's.
+const UNIX_ADDR_MAX: u32 = std::mem::size_of::<libc::sockaddr_un>() as u32;
+/// The longest address any `bind` accepts (`sizeof(struct sockaddr_storage)`); the kernel refuses
+/// a longer one (`EINVAL`) before looking at the socket.
+const ADDR_MAX: u32 = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+
+/// To grace: `bind` with an address the size of `sockaddr_in` or `sockaddr_in6`, or longer than
+/// any unix address and no longer than `sockaddr_storage` (a program passing the size of the
+/// buffer it filled), and `listen` (so that a server's backlog does not shrink grace's socket).
+/// The rest runs in the kernel, unix binds of every length but 16 and 28 included. (Jump offsets
+/// count the instructions skipped.)
 pub const fn bind_program() -> Program {
+    const NOTIFY: u8 = 10;
+    const ALLOW: u8 = 11;
+    /// The offset from instruction `at` to instruction `to`.
+    const fn to(at: u8, to: u8) -> u8 {
+        to - at - 1
+    }
     [
         /* 0 */ op(BPF_LD_W_ABS, 0, 0, DATA_ARCH),
         // Another architecture's call (a 32-bit program on a 64-bit kernel): let it run.
         /* 1 */
-        op(BPF_JEQ_K, 0, 7, AUDIT_ARCH),
+        op(BPF_JEQ_K, 0, to(1, ALLOW), AUDIT_ARCH),
         /* 2 */ op(BPF_LD_W_ABS, 0, 0, DATA_NR),
-        /* 3 */ op(BPF_JEQ_K, 4, 0, libc::SYS_listen as u32),
-        /* 4 */ op(BPF_JEQ_K, 0, 4, libc::SYS_bind as u32),
+        /* 3 */ op(BPF_JEQ_K, to(3, NOTIFY), 0, libc::SYS_listen as u32),
+        /* 4 */ op(BPF_JEQ_K, 0, to(4, ALLOW), libc::SYS_bind as u32),
         /* 5 */ op(BPF_LD_W_ABS, 0, 0, DATA_ADDRLEN),
         /* 6 */
         op(
             BPF_JEQ_K,
-            1,
+            to(6, NOTIFY),
             0,
             std::mem::size_of::<libc::sockaddr_in>() as u32,
         ),
         /* 7 */
         op(
             BPF_JEQ_K,
+            to(7, NOTIFY),
             0,
-            1,
             std::mem::size_of::<libc::sockaddr_in6>() as u32,
         ),
-        /* 8 */ op(BPF_RET_K, 0, 0, libc::SECCOMP_RET_USER_NOTIF),
-        /* 9 */ op(BPF_RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+        // Unsigned comparisons: a negative length is larger than both, and the kernel's to refuse.
+        /* 8 */
+        op(BPF_JGT_K, 0, to(8, ALLOW), UNIX_ADDR_MAX),
+        /* 9 */ op(BPF_JGT_K, to(9, ALLOW), 0, ADDR_MAX),
+        /* 10 */ op(BPF_RET_K, 0, 0, libc::SECCOMP_RET_USER_NOTIF),
+        /* 11 */ op(BPF_RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
     ]
 }
 
@@ -412,7 +431,9 @@ mod tests {
 
     /// What the kernel does with the filter: a child binds the address a socket of ours holds
     /// and gets that very socket at its descriptor (close-on-exec as it asked), while a bind to
-    /// another address runs untouched; unix binds never reach us.
+    /// another address, with the length of a `sockaddr_storage`, is reported and runs untouched;
+    /// unix binds (unnamed, and of the longest address) and a bind whose length the kernel refuses
+    /// never reach us.
     #[test]
     fn a_bind_to_a_held_address_gets_our_socket_and_others_run() {
         let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -420,7 +441,26 @@ mod tests {
             unreachable!()
         };
         let held_sa = sockaddr(at);
-        let free_sa = sockaddr("127.0.0.1:0".parse().unwrap());
+        // The way many C servers call it: the address in a sockaddr_storage, and its size.
+        // SAFETY: sockaddr_storage is plain data; all zeroes is a valid value.
+        let mut free_sa: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: a sockaddr_in fits in a sockaddr_storage, which is aligned for it.
+        unsafe {
+            *(&mut free_sa as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() =
+                sockaddr("127.0.0.1:0".parse().unwrap());
+        }
+        // An abstract name filling the whole sun_path: the longest unix address there is.
+        // SAFETY: as above.
+        let mut long_unix_sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        long_unix_sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let name = format!(
+            "grace-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        );
+        for (i, b) in name.bytes().enumerate() {
+            long_unix_sa.sun_path[1 + i] = b as libc::c_char;
+        }
         // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
         let mut unix_sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
         unix_sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -441,7 +481,7 @@ mod tests {
                 if install_in_child(&program, true, theirs.as_raw_fd()) != 0 {
                     libc::_exit(10);
                 }
-                let mut out = [0i64; 6];
+                let mut out = [0i64; 8];
                 let s1 = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
                 out[0] = libc::bind(s1, (&held_sa as *const libc::sockaddr_in).cast(), 16) as i64;
                 let mut st: libc::stat = std::mem::zeroed();
@@ -449,7 +489,11 @@ mod tests {
                 out[1] = st.st_ino as i64;
                 out[2] = libc::fcntl(s1, libc::F_GETFD) as i64;
                 let s2 = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-                out[3] = libc::bind(s2, (&free_sa as *const libc::sockaddr_in).cast(), 16) as i64;
+                out[3] = libc::bind(
+                    s2,
+                    (&free_sa as *const libc::sockaddr_storage).cast(),
+                    std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t,
+                ) as i64;
                 let mut got: libc::sockaddr_in = std::mem::zeroed();
                 let mut len = 16 as libc::socklen_t;
                 libc::getsockname(s2, (&mut got as *mut libc::sockaddr_in).cast(), &mut len);
@@ -461,6 +505,19 @@ mod tests {
                     (&unix_sa as *const libc::sockaddr_un).cast(),
                     std::mem::size_of::<libc::sa_family_t>() as libc::socklen_t,
                 ) as i64;
+                let s4 = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                out[6] = libc::bind(
+                    s4,
+                    (&long_unix_sa as *const libc::sockaddr_un).cast(),
+                    std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+                ) as i64;
+                // Longer than any address: the kernel's EINVAL, not grace's business.
+                let s5 = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                out[7] =
+                    libc::bind(s5, (&free_sa as *const libc::sockaddr_storage).cast(), 129) as i64;
+                if out[7] < 0 {
+                    out[7] = -(*libc::__errno_location() as i64);
+                }
                 libc::write(
                     results_w.as_raw_fd(),
                     out.as_ptr().cast(),
@@ -496,7 +553,7 @@ mod tests {
                 let_run(listener.as_fd(), call.id).unwrap();
             }
         }
-        let mut buf = [0u8; 48];
+        let mut buf = [0u8; 64];
         let mut got = 0;
         while got < buf.len() {
             let n = nix::unistd::read(&results_r, &mut buf[got..]).unwrap();
@@ -529,5 +586,7 @@ mod tests {
         assert_eq!(out[3], 0, "the other bind ran");
         assert!(out[4] != 0 && out[4] != at.port() as i64, "{}", out[4]);
         assert_eq!(out[5], 0, "the unix bind ran in the kernel");
+        assert_eq!(out[6], 0, "the long unix bind ran in the kernel");
+        assert_eq!(out[7], -(libc::EINVAL as i64), "too long an address");
     }
 }

@@ -149,6 +149,27 @@ fn python_threading_http_server_restarts_under_load_losing_nothing() {
     stop(grace);
 }
 
+/// A bind whose length is that of the `sockaddr_storage` holding the address, not of the
+/// address: reported by the filter (longer than any unix address) and substituted all the same.
+#[test]
+fn a_bind_with_the_length_of_sockaddr_storage_restarts_under_load_losing_nothing() {
+    let port = free_port();
+    let script = fixture("inject_server.py");
+    let (grace, addr) = start(
+        port,
+        &[],
+        &[
+            python(),
+            script.to_str().unwrap(),
+            &port.to_string(),
+            "127.0.0.1",
+            "storage",
+        ],
+    );
+    restarts_under_load(&grace, addr);
+    stop(grace);
+}
+
 #[test]
 fn rust_server_that_binds_its_port_restarts_under_load_losing_nothing() {
     let port = free_port();
