@@ -456,7 +456,31 @@ impl EventLoop {
     /// returns on failure, with the reason; the sockets and generations are untouched then.
     fn reexec(&mut self) -> String {
         systemd::reloading();
-        if let Err(reason) = handoff::check_new_binary(&self.grace_exe) {
+        // The check runs a process (milliseconds; a hung binary gets seconds): the servers'
+        // binds are answered while it does.
+        let held = &mut self.held;
+        let mut wait = |check: &mut [PollFd<'_>], timeout: PollTimeout| {
+            let theirs = check.len();
+            let mut fds: Vec<PollFd> = check.to_vec();
+            fds.extend(
+                held.substitution
+                    .poll_fds()
+                    .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
+            );
+            let ready = poll(&mut fds, timeout)?;
+            let any = |fds: &[PollFd]| {
+                fds.iter()
+                    .filter(|p| p.revents().is_some_and(|r| !r.is_empty()))
+                    .count() as nix::libc::c_int
+            };
+            let (check_ready, filters_ready) = (any(&fds[..theirs]), any(&fds[theirs..]));
+            drop(fds);
+            if ready > 0 && filters_ready > 0 {
+                held.substitution.service(&held.listeners, &held.steering);
+            }
+            Ok(check_ready)
+        };
+        if let Err(reason) = handoff::check_new_binary(&self.grace_exe, &mut wait) {
             return reason;
         }
         self.forget_gone_leaders();

@@ -4,7 +4,8 @@
 use std::os::fd::AsFd;
 use std::path::Path;
 
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::libc;
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::{CHECK_ENV, ENV, VERSION};
 use crate::supervisor::Millis;
@@ -22,11 +23,17 @@ fn is_this_binary(exe: &Path) -> bool {
     }
 }
 
+/// How the check waits for its child: `poll` on the given descriptors up to the timeout,
+/// returning how many of them are ready. The caller's loop passes one that also answers, in the
+/// meantime, what must not wait for the check (a server's `bind`); it may return 0 before the
+/// timeout.
+pub type Wait<'a> = dyn FnMut(&mut [PollFd<'_>], PollTimeout) -> nix::Result<libc::c_int> + 'a;
+
 /// Asks the binary on disk which handoff versions it reads, before betting the process on it.
 /// It runs with this process's own arguments, so a new binary that would not accept them is
 /// refused here too rather than after the `execve`, when the generations would be orphaned. A
-/// binary that hangs is given [`CHECK_TIMEOUT`].
-pub fn check_new_binary(exe: &Path) -> Result<(), String> {
+/// binary that hangs is given [`CHECK_TIMEOUT`]; `wait` does the waiting.
+pub fn check_new_binary(exe: &Path, wait: &mut Wait<'_>) -> Result<(), String> {
     if is_this_binary(exe) {
         return Ok(());
     }
@@ -49,17 +56,7 @@ pub fn check_new_binary(exe: &Path) -> Result<(), String> {
     let deadline = now() + CHECK_TIMEOUT;
     while out.open || err.open {
         let left = deadline.saturating_sub(now());
-        let mut fds: Vec<PollFd> = [(out.open, out.fd()), (err.open, err.fd())]
-            .into_iter()
-            .filter(|(open, _)| *open)
-            .map(|(_, fd)| PollFd::new(fd, PollFlags::POLLIN))
-            .collect();
-        let ready = poll(
-            &mut fds,
-            PollTimeout::try_from(left).unwrap_or(PollTimeout::ZERO),
-        );
-        drop(fds);
-        if left == 0 || matches!(ready, Ok(0)) {
+        if left == 0 {
             let _ = child.kill();
             let _ = child.wait();
             return Err(format!(
@@ -67,6 +64,18 @@ pub fn check_new_binary(exe: &Path) -> Result<(), String> {
                 exe.display()
             ));
         }
+        let mut fds: Vec<PollFd> = [(out.open, out.fd()), (err.open, err.fd())]
+            .into_iter()
+            .filter(|(open, _)| *open)
+            .map(|(_, fd)| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
+        // Whatever woke it (a pipe, the caller's descriptors, the timeout), the pipes are read
+        // and the deadline looked at again.
+        let _ = wait(
+            &mut fds,
+            PollTimeout::try_from(left).unwrap_or(PollTimeout::ZERO),
+        );
+        drop(fds);
         // Non-blocking reads: whichever pipe is ready gives data or end-of-file.
         out.read_some();
         err.read_some();
@@ -81,7 +90,7 @@ pub fn check_new_binary(exe: &Path) -> Result<(), String> {
                 Some(pidfd) => {
                     let left = PollTimeout::try_from(deadline.saturating_sub(now()))
                         .unwrap_or(PollTimeout::ZERO);
-                    let _ = poll(&mut [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)], left);
+                    let _ = wait(&mut [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)], left);
                 }
                 None => std::thread::sleep(std::time::Duration::from_millis(1)),
             },

@@ -2,11 +2,14 @@
 //! `bind` directive and a Go server built with `CGO_ENABLED=0`, each binding its own port, lose
 //! nothing across restarts under load; binds keep being answered while grace re-executes.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::harness::{Grace, fixture, free_port, require, temp_dir};
+use crate::harness::{
+    Grace, fixture, free_port, grace_bin, install, install_copy, require, temp_dir,
+};
 use crate::steered::{four_restarts_under_load, stop};
 
 const T: Duration = Duration::from_secs(60);
@@ -144,6 +147,58 @@ fn binds_racing_a_restart_are_answered() {
         assert!(worst_ms < 1000.0, "a bind waited {worst_ms} ms: {text}");
     }
     stop(grace);
+}
+
+/// A new grace binary that hangs on the handoff check holds the restart up for seconds: the
+/// server's binds are answered all the while, not after it.
+#[test]
+fn binds_are_answered_while_a_new_binary_hangs_on_the_handoff_check() {
+    let python = require("/usr/bin/python3", "python3");
+    let dir = temp_dir("substitute-check");
+    let bin = temp_dir("substitute-check-bin");
+    let copy = bin.join("grace");
+    install_copy(&grace_bin(), &copy);
+    let mut grace = Grace::start_raw(
+        copy.to_str().unwrap(),
+        &[
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--ready",
+            "delay:200ms",
+            "--",
+            python,
+            fixture("bind_loop.py").to_str().unwrap(),
+            dir.to_str().unwrap(),
+        ],
+    )
+    .owning(bin);
+    grace.wait_line(") is serving", T);
+    // Replaced, not overwritten (the running grace executes the old file): a binary that never
+    // answers, which grace waits for up to its check timeout (5 s).
+    std::fs::remove_file(&copy).unwrap();
+    install(&copy, b"#!/bin/sh\nexec sleep 100\n");
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    grace.signal("USR2");
+    let line = grace.wait_line("restart failed", T);
+    assert!(line.contains("did not answer the handoff check"), "{line}");
+    grace.signal("TERM");
+    assert_eq!(grace.wait_exit(T).code(), Some(0), "{}", grace.describe());
+    let results: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+    assert_eq!(results.len(), 1, "one generation's results");
+    let text = std::fs::read_to_string(results[0].path()).unwrap();
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .take(3)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (count, errors, worst_ms) = (v[0], v[1], v[2]);
+    assert!(count > 100.0, "{text}");
+    assert_eq!(errors, 0.0, "{text}");
+    assert!(
+        worst_ms < 1000.0,
+        "a bind waited {worst_ms} ms for the check: {text}"
+    );
 }
 
 /// grace run by another user than root: the filter needs `no_new_privs`, which grace sets in the
