@@ -36,8 +36,16 @@ struct Filter {
 #[derive(Debug, Default)]
 pub struct Substitution {
     filters: Vec<Filter>,
-    /// Addresses whose near miss was explained already.
-    explained: HashSet<(Proto, SocketAddr)>,
+    /// What was said already, said once.
+    explained: HashSet<Said>,
+}
+
+/// A line that is said once: a near miss of an address, or a generation whose calls grace cannot
+/// read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Said {
+    NearMiss(Proto, SocketAddr),
+    Unreadable(GenId),
 }
 
 /// What a reported call asks for, once read from the caller.
@@ -134,7 +142,7 @@ fn answer(
     generation: GenId,
     listeners: &[Listener],
     steering: &Steering,
-) -> Vec<(Option<(Proto, SocketAddr)>, String)> {
+) -> Vec<(Option<Said>, String)> {
     let go_on = |lines| {
         // The call runs as it would without grace (it may have ended meanwhile: nothing to do).
         let _ = seccomp::let_run(filter, call.id);
@@ -153,9 +161,16 @@ fn answer(
         Ok(None) => return go_on(Vec::new()),
         // Gone meanwhile: its call is over.
         Err(None) => return Vec::new(),
+        // Every bind of this server will fail the same way (and one of a held address with
+        // EADDRINUSE): said once, with what to do.
         Err(Some(why)) => {
-            debug!("pid {}: bind not inspected: {why}", call.pid);
-            return go_on(Vec::new());
+            return go_on(vec![(
+                Some(Said::Unreadable(generation)),
+                format!(
+                    "generation {generation}: pid {}'s binds cannot be substituted ({why}): they run as without grace; grace needs ptrace access to its server (CAP_SYS_PTRACE, or the same user with no change of credentials; kernel.yama.ptrace_scope 0 or 1), or have the server take its sockets by socket activation (LISTEN_FDS)",
+                    call.pid
+                ),
+            )]);
         }
     };
     let exact = listeners
@@ -177,7 +192,7 @@ fn answer(
                 Proto::Udp => format!("udp://{}", bind.addr),
             };
             (
-                Some((bind.proto, bind.addr)),
+                Some(Said::NearMiss(bind.proto, bind.addr)),
                 format!(
                     "pid {} binds {proto} {}, which grace holds as {proto} {held}, but the addresses differ: not substituted (its bind fails as without grace); give --listen {flag}",
                     call.pid, bind.addr

@@ -201,6 +201,50 @@ fn binds_are_answered_while_a_new_binary_hangs_on_the_handoff_check() {
     );
 }
 
+/// A grace that may not read its server's memory (root without CAP_SYS_PTRACE, the server
+/// another user: Docker-like capabilities and a server that drops privileges before binding)
+/// says so in one line with what to do, and the bind runs as without grace.
+#[test]
+fn a_server_grace_cannot_read_is_named_in_one_line() {
+    let python = require("/usr/bin/python3", "python3");
+    let setpriv = require("/usr/bin/setpriv", "util-linux");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let grace_path = grace_bin();
+    let mut grace = Grace::start_raw(
+        setpriv,
+        &[
+            "--bounding-set=-sys_ptrace",
+            "--inh-caps=-sys_ptrace",
+            grace_path.to_str().unwrap(),
+            "run",
+            "--listen",
+            &listen,
+            "--",
+            setpriv,
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            python,
+            fixture("inject_server.py").to_str().unwrap(),
+            &port.to_string(),
+        ],
+    );
+    let line = grace.wait_line("binds cannot be substituted", T);
+    assert!(
+        line.contains("Operation not permitted") && line.contains("CAP_SYS_PTRACE"),
+        "{line}"
+    );
+    // Its bind ran in the kernel, on the port grace holds: the server exits, and with it grace.
+    assert_ne!(grace.wait_exit(T).code(), Some(0), "{}", grace.describe());
+    assert_eq!(
+        grace.count_lines("binds cannot be substituted"),
+        1,
+        "said once: {}",
+        grace.describe()
+    );
+}
+
 /// grace run by another user than root: the filter needs `no_new_privs`, which grace sets in the
 /// server and says so; the bind is substituted all the same.
 #[test]
