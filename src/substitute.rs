@@ -245,17 +245,15 @@ fn go_on_listen(
     listeners: &[Listener],
     steering: &Steering,
 ) {
-    let ours = |theirs: &OwnedFd| -> bool {
-        let Ok(ino) = crate::steer::inode(theirs.as_fd()) else {
-            return false;
-        };
-        let listening = getsockopt(theirs, sockopt::AcceptConn).unwrap_or(false);
-        listening
-            && (0..listeners.len()).any(|i| {
-                crate::steer::inode(steering.socket_of(listeners, generation, i)).ok() == Some(ino)
-            })
-    };
-    let skip = sys::fd_of(call.pid as i32, call.args[0] as RawFd).is_ok_and(|theirs| ours(&theirs));
+    // Ours if it is the same socket as one of the generation's (same inode), which listens:
+    // asked of grace's own descriptor of it.
+    let skip = sys::socket_at(call.pid, call.args[0] as RawFd).is_ok_and(|theirs| {
+        (0..listeners.len()).any(|i| {
+            let ours = steering.socket_of(listeners, generation, i);
+            crate::steer::inode(ours).ok() == Some(theirs.inode)
+                && getsockopt(&ours, sockopt::AcceptConn).unwrap_or(false)
+        })
+    });
     if !seccomp::still_waiting(filter, call.id) {
         return;
     }
@@ -302,22 +300,18 @@ fn read_bind(
     if !held_ports.contains(&addr.port()) {
         return Ok(None);
     }
-    // Its socket, through a copy: which protocol, which flags.
+    // Its socket, as /proc shows it: which protocol, which flags.
     let theirs =
-        sys::fd_of(call.pid as i32, fd).map_err(|e| Some(format!("its fd {fd}: {}", e.desc())))?;
-    let cloexec = cloexec_of(call.pid, fd);
+        sys::socket_at(call.pid, fd).map_err(|e| Some(format!("its fd {fd}: {}", e.desc())))?;
     // Everything read so far is only the call's own if it still waits.
     if !seccomp::still_waiting(filter, call.id) {
         return Err(None);
     }
-    let proto = match getsockopt(&theirs, sockopt::SockType) {
-        Ok(nix::sys::socket::SockType::Stream) => Proto::Tcp,
-        Ok(nix::sys::socket::SockType::Datagram) => Proto::Udp,
-        _ => return Ok(None),
+    let Some(proto) = proto_of(&theirs.protocol) else {
+        return Ok(None);
     };
-    let nonblocking = fcntl(&theirs, FcntlArg::F_GETFL)
-        .map(|f| OFlag::from_bits_retain(f).contains(OFlag::O_NONBLOCK))
-        .unwrap_or(false);
+    let cloexec = theirs.flags & libc::O_CLOEXEC as u32 != 0;
+    let nonblocking = theirs.flags & libc::O_NONBLOCK as u32 != 0;
     Ok(Some(Bind {
         proto,
         addr,
@@ -327,15 +321,14 @@ fn read_bind(
     }))
 }
 
-/// Whether descriptor `fd` of thread `tid` is close-on-exec (its `fdinfo` flags show it).
-fn cloexec_of(tid: u32, fd: RawFd) -> bool {
-    std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}"))
-        .ok()
-        .and_then(|info| {
-            let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
-            u32::from_str_radix(flags.trim(), 8).ok()
-        })
-        .is_some_and(|flags| flags & libc::O_CLOEXEC as u32 != 0)
+/// TCP or UDP, from a socket's protocol name (MPTCP is a stream grace's TCP socket serves as
+/// its fallback does; UDP-Lite, SCTP and the rest are not grace's).
+fn proto_of(name: &str) -> Option<Proto> {
+    match name {
+        "TCP" | "TCPv6" | "MPTCP" | "MPTCPv6" => Some(Proto::Tcp),
+        "UDP" | "UDPv6" => Some(Proto::Udp),
+        _ => None,
+    }
 }
 
 /// A `sockaddr_in` or `sockaddr_in6` as the caller wrote it.

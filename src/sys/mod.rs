@@ -686,36 +686,56 @@ pub fn parent_of(pid: i32) -> Option<i32> {
     rest.split(' ').nth(1)?.parse().ok()
 }
 
-/// A copy of descriptor `fd` of thread `tid` (`pidfd_getfd`, Linux 5.6), close-on-exec: through
-/// a pidfd of the thread itself where the kernel has them (`PIDFD_THREAD`, 6.9: right even if the
-/// thread unshared its fd table or its leader exited), else of its thread group.
-pub fn fd_of(tid: i32, fd: RawFd) -> Result<OwnedFd, Errno> {
-    const PIDFD_THREAD: libc::c_int = libc::O_EXCL;
-    // SAFETY: pidfd_open takes two integers and returns a new fd (or -1) that we now own.
-    let thread = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, PIDFD_THREAD) };
-    if thread >= 0 {
-        // SAFETY: a new descriptor that nothing else owns.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(thread as RawFd) };
-        // SAFETY: no pointers; the kernel returns a new descriptor (close-on-exec) or -1.
-        let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-        let got = Errno::result(got)?;
-        // SAFETY: a new descriptor that nothing else owns.
-        return Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) });
-    }
-    let tgid = std::fs::read_to_string(format!("/proc/{tid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(tid);
-    let pidfd = pidfd_open(tgid)?;
-    // SAFETY: no pointers; the kernel returns a new descriptor (close-on-exec) or -1.
-    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
-    let got = Errno::result(got)?;
-    // SAFETY: a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) })
+/// What `/proc` shows of a socket at descriptor `fd` of thread `tid`, read without taking a copy
+/// of it (`pidfd_getfd` is refused by Docker's default seccomp profile): its inode, its
+/// protocol's name and its file status flags. `/proc/<tid>` is the thread's own descriptor table,
+/// also if it unshared it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TheirSocket {
+    pub inode: u64,
+    /// The socket's `system.sockprotoname` attribute: `TCP`, `TCPv6`, `UDP`, `UDPv6`, `MPTCP`,
+    /// `UNIX-STREAM`, …
+    pub protocol: String,
+    /// `O_NONBLOCK`, `O_CLOEXEC` and the rest, as `fdinfo` shows them.
+    pub flags: u32,
+}
+
+pub fn socket_at(tid: u32, fd: RawFd) -> Result<TheirSocket, Errno> {
+    let io = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+    let path = format!("/proc/{tid}/fd/{fd}");
+    let link = std::fs::read_link(&path).map_err(io)?;
+    let inode = link
+        .to_str()
+        .and_then(|l| l.strip_prefix("socket:["))
+        .and_then(|l| l.strip_suffix(']'))
+        .and_then(|i| i.parse().ok())
+        .ok_or(Errno::ENOTSOCK)?;
+    let c_path = CString::new(path).map_err(|_| Errno::EINVAL)?;
+    let mut name = [0u8; 64];
+    // SAFETY: NUL-terminated strings and a buffer of the length given, all alive for the call.
+    let len = unsafe {
+        libc::getxattr(
+            c_path.as_ptr(),
+            c"system.sockprotoname".as_ptr(),
+            name.as_mut_ptr().cast(),
+            name.len(),
+        )
+    };
+    let len = Errno::result(len)? as usize;
+    let protocol = String::from_utf8_lossy(&name[..len])
+        .trim_end_matches('\0')
+        .to_string();
+    let info = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}")).map_err(io)?;
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .ok_or(Errno::EIO)?;
+    Ok(TheirSocket {
+        inode,
+        protocol,
+        flags,
+    })
 }
 
 /// A pidfd for `pid` (Linux 5.3+), close-on-exec. Signals sent through it reach that process or
@@ -760,5 +780,34 @@ mod tests {
             let end = buf.iter().position(|&b| b == 0).unwrap();
             assert_eq!(std::str::from_utf8(&buf[..end]).unwrap(), n.to_string());
         }
+    }
+
+    /// What the substitution reads of a server's socket instead of taking a copy: the inode
+    /// fstat gives, the protocol by name, the flags fcntl sees.
+    #[test]
+    fn a_socket_is_read_from_proc() {
+        use std::os::fd::AsFd;
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let udp = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        // SAFETY: gettid has no arguments.
+        let tid = unsafe { libc::gettid() } as u32;
+        let got = socket_at(tid, tcp.as_raw_fd()).unwrap();
+        assert_eq!(got.protocol, "TCP");
+        assert_eq!(
+            got.inode,
+            nix::sys::stat::fstat(tcp.as_fd()).unwrap().st_ino
+        );
+        assert_ne!(got.flags & libc::O_NONBLOCK as u32, 0);
+        assert_ne!(
+            got.flags & libc::O_CLOEXEC as u32,
+            0,
+            "std opens close-on-exec"
+        );
+        let got = socket_at(tid, udp.as_raw_fd()).unwrap();
+        assert_eq!(got.protocol, "UDPv6");
+        assert_eq!(got.flags & libc::O_NONBLOCK as u32, 0);
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert_eq!(socket_at(tid, file.as_raw_fd()), Err(Errno::ENOTSOCK));
     }
 }

@@ -374,12 +374,13 @@ fn shown(out: &Output) -> String {
     )
 }
 
-/// The static grace and example server (musl), built here into the suite's own target directory.
+/// The static grace, example server and server that binds its own port (musl), built here into
+/// the suite's own target directory.
 /// `.ci/run` builds them before `cargo test`, so that there this is a no-op: a first build (LTO)
 /// takes a minute of both cores, which the tests running beside this one would feel. With
 /// `.ci/deps && cargo test` alone it happens here, once. (`GRACE_TEST_BIN` may be a dynamically
 /// linked grace, of no use in an image with nothing else: it does not apply.)
-fn static_binaries() -> (PathBuf, PathBuf) {
+fn static_binaries() -> StaticBinaries {
     let built = PathBuf::from(env!("CARGO_BIN_EXE_grace"));
     let target_dir = built
         .ancestors()
@@ -397,6 +398,8 @@ fn static_binaries() -> (PathBuf, PathBuf) {
             "grace",
             "--example",
             "server",
+            "--example",
+            "bind_server",
         ])
         .arg("--manifest-path")
         .arg(&manifest)
@@ -412,8 +415,12 @@ fn static_binaries() -> (PathBuf, PathBuf) {
         shown(&out)
     );
     let release = target_dir.join(MUSL).join("release");
-    let binaries = (release.join("grace"), release.join("examples/server"));
-    for binary in [&binaries.0, &binaries.1] {
+    let binaries = StaticBinaries {
+        grace: release.join("grace"),
+        server: release.join("examples/server"),
+        bind_server: release.join("examples/bind_server"),
+    };
+    for binary in [&binaries.grace, &binaries.server, &binaries.bind_server] {
         assert!(
             !has_interpreter(binary),
             "{} needs a dynamic loader, which a FROM scratch image lacks",
@@ -421,6 +428,12 @@ fn static_binaries() -> (PathBuf, PathBuf) {
         );
     }
     binaries
+}
+
+struct StaticBinaries {
+    grace: PathBuf,
+    server: PathBuf,
+    bind_server: PathBuf,
 }
 
 /// Whether an ELF executable names a program interpreter (`PT_INTERP`, the dynamic loader).
@@ -620,11 +633,11 @@ fn the_readme_sequence_in_a_real_container_loses_no_request() {
     ) else {
         return;
     };
-    let (grace_bin, server_bin) = static_binaries();
+    let built = static_binaries();
     let context = engine.dir.join("image");
     std::fs::create_dir(&context).unwrap();
-    std::fs::copy(&grace_bin, context.join("grace")).unwrap();
-    std::fs::copy(&server_bin, context.join("server")).unwrap();
+    std::fs::copy(&built.grace, context.join("grace")).unwrap();
+    std::fs::copy(&built.server, context.join("server")).unwrap();
     std::fs::write(context.join("Dockerfile"), stand_in_dockerfile()).unwrap();
     engine.ok(&["build", "-t", "grace-demo", context.to_str().unwrap()]);
 
@@ -743,6 +756,115 @@ fn the_readme_sequence_in_a_real_container_loses_no_request() {
     assert_eq!(exit.trim(), "0", "the container's exit status");
     assert!(took < Duration::from_secs(10), "docker stop took {took:?}");
 
+    drop(logs);
+    engine.ok(&["rm", "demo"]);
+    engine.finish();
+}
+
+/// A server that binds its own port, in a container with Docker's defaults (root without
+/// CAP_SYS_ADMIN or CAP_SYS_PTRACE, Docker's seccomp profile): grace installs its filter with
+/// no_new_privs, says so, and substitutes the bind; three restarts under load (two `docker kill
+/// -s USR2`, one `docker exec … grace restart`) lose no request and each brings a new process.
+#[test]
+fn a_server_that_binds_its_port_is_substituted_in_a_container() {
+    let Some(engine) = engine_or_skip(
+        "a_server_that_binds_its_port_is_substituted_in_a_container",
+        "bind",
+    ) else {
+        return;
+    };
+    let built = static_binaries();
+    let context = engine.dir.join("image");
+    std::fs::create_dir(&context).unwrap();
+    std::fs::copy(&built.grace, context.join("grace")).unwrap();
+    std::fs::copy(&built.bind_server, context.join("bind-server")).unwrap();
+    std::fs::write(
+        context.join("Dockerfile"),
+        "FROM scratch\n\
+         COPY grace /usr/local/bin/grace\n\
+         COPY bind-server /usr/local/bin/bind-server\n\
+         ENTRYPOINT [\"grace\", \"run\", \"--listen\", \"127.0.0.1:8080\", \"--\"]\n\
+         CMD [\"bind-server\", \"127.0.0.1:8080\"]\n",
+    )
+    .unwrap();
+    engine.ok(&["build", "-t", "grace-bind", context.to_str().unwrap()]);
+    engine.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "demo",
+        "--network",
+        "none",
+        "grace-bind",
+    ]);
+    let logs = Logs(&engine);
+    let grace: i32 = engine
+        .ok(&["inspect", "-f", "{{.State.Pid}}", "demo"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(grace > 0, "the container exited at once");
+    let netns = Netns::of(grace);
+    let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let first = netns.run(move || {
+        wait_for("the first generation to answer", T, || {
+            let (status, body) = http_get(addr, "/").ok()?;
+            (status == 200).then(|| served_by(&body))
+        })
+    });
+    // Answering before grace's readiness check has passed: current once it has.
+    wait_for("generation 1 to be current", T, || {
+        (status(&engine)["current"]["generation"] == 1).then_some(())
+    });
+    assert_eq!(current(&engine), (1, first));
+    // bind_server ignores LISTEN_FDS and binds the port itself, and exits 1 if that fails: it
+    // serves only because its bind got grace's socket.
+    let said = shown(&engine.docker(&["logs", "demo"]));
+    assert!(said.contains("no_new_privs"), "{said}");
+    assert!(!said.contains("cannot be substituted"), "{said}");
+
+    let load = netns.run(move || Load::start(addr, 4, "/"));
+    load.wait_more(100, T);
+    let mut pids = vec![first];
+    for n in 2..=4u64 {
+        if n == 4 {
+            engine.ok(&["exec", "demo", "grace", "restart"]);
+        } else {
+            engine.ok(&["kill", "-s", "USR2", "demo"]);
+        }
+        let (_, pid) = wait_for(&format!("generation {n}"), T, || {
+            let (generation, pid) = current(&engine);
+            (generation == n).then_some((generation, pid))
+        });
+        assert!(!pids.contains(&pid), "a new process: {pid} after {pids:?}");
+        pids.push(pid);
+        netns.run(move || {
+            wait_for(&format!("generation {n} to answer"), T, || {
+                let (_, body) = http_get(addr, "/").ok()?;
+                (served_by(&body) == pid).then_some(())
+            })
+        });
+        load.wait_more(100, T);
+    }
+    let tally = load.finish();
+    assert_eq!(
+        tally.failed,
+        0,
+        "{} of {} requests failed: {:?}",
+        tally.failed,
+        tally.failed + tally.ok,
+        &tally.errors[..tally.errors.len().min(10)]
+    );
+    for pid in &pids {
+        assert!(
+            tally.pids.contains(pid),
+            "pid {pid} served: {:?}",
+            tally.pids
+        );
+    }
+    engine.ok(&["stop", "-t", "25", "demo"]);
+    let exit = engine.ok(&["inspect", "-f", "{{.State.ExitCode}}", "demo"]);
+    assert_eq!(exit.trim(), "0", "the container's exit status");
     drop(logs);
     engine.ok(&["rm", "demo"]);
     engine.finish();
