@@ -467,15 +467,15 @@ impl EventLoop {
                     .poll_fds()
                     .map(|fd| PollFd::new(fd, PollFlags::POLLIN)),
             );
-            let ready = poll(&mut fds, timeout)?;
-            let any = |fds: &[PollFd]| {
+            poll(&mut fds, timeout)?;
+            let ready = |fds: &[PollFd]| {
                 fds.iter()
                     .filter(|p| p.revents().is_some_and(|r| !r.is_empty()))
                     .count() as nix::libc::c_int
             };
-            let (check_ready, filters_ready) = (any(&fds[..theirs]), any(&fds[theirs..]));
+            let (check_ready, filters_ready) = (ready(&fds[..theirs]), ready(&fds[theirs..]));
             drop(fds);
-            if ready > 0 && filters_ready > 0 {
+            if filters_ready > 0 {
                 held.substitution.service(&held.listeners, &held.steering);
             }
             Ok(check_ready)

@@ -247,10 +247,10 @@ fn go_on_listen(
 ) {
     // Ours if it is the same socket as one of the generation's (same inode), which listens:
     // asked of grace's own descriptor of it.
-    let skip = sys::socket_at(call.pid, call.args[0] as RawFd).is_ok_and(|theirs| {
+    let skip = sys::socket_inode(call.pid, call.args[0] as RawFd).is_ok_and(|theirs| {
         (0..listeners.len()).any(|i| {
             let ours = steering.socket_of(listeners, generation, i);
-            crate::steer::inode(ours).ok() == Some(theirs.inode)
+            crate::steer::inode(ours).ok() == Some(theirs)
                 && getsockopt(&ours, sockopt::AcceptConn).unwrap_or(false)
         })
     });

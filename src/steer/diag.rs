@@ -289,11 +289,7 @@ pub fn socket_inodes(pids: &[i32]) -> HashSet<u64> {
         };
         for entry in dir.flatten() {
             if let Ok(target) = std::fs::read_link(entry.path())
-                && let Some(inode) = target
-                    .to_str()
-                    .and_then(|t| t.strip_prefix("socket:["))
-                    .and_then(|t| t.strip_suffix(']'))
-                    .and_then(|t| t.parse().ok())
+                && let Some(inode) = crate::sys::socket_link_inode(&target)
             {
                 out.insert(inode);
             }

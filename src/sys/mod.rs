@@ -700,17 +700,10 @@ pub struct TheirSocket {
     pub flags: u32,
 }
 
+/// [`TheirSocket`] at descriptor `fd` of thread `tid`.
 pub fn socket_at(tid: u32, fd: RawFd) -> Result<TheirSocket, Errno> {
-    let io = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
-    let path = format!("/proc/{tid}/fd/{fd}");
-    let link = std::fs::read_link(&path).map_err(io)?;
-    let inode = link
-        .to_str()
-        .and_then(|l| l.strip_prefix("socket:["))
-        .and_then(|l| l.strip_suffix(']'))
-        .and_then(|i| i.parse().ok())
-        .ok_or(Errno::ENOTSOCK)?;
-    let c_path = CString::new(path).map_err(|_| Errno::EINVAL)?;
+    let inode = socket_inode(tid, fd)?;
+    let c_path = CString::new(format!("/proc/{tid}/fd/{fd}")).map_err(|_| Errno::EINVAL)?;
     let mut name = [0u8; 64];
     // SAFETY: NUL-terminated strings and a buffer of the length given, all alive for the call.
     let len = unsafe {
@@ -725,7 +718,7 @@ pub fn socket_at(tid: u32, fd: RawFd) -> Result<TheirSocket, Errno> {
     let protocol = String::from_utf8_lossy(&name[..len])
         .trim_end_matches('\0')
         .to_string();
-    let info = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}")).map_err(io)?;
+    let info = std::fs::read_to_string(format!("/proc/{tid}/fdinfo/{fd}")).map_err(io_errno)?;
     let flags = info
         .lines()
         .find_map(|l| l.strip_prefix("flags:"))
@@ -736,6 +729,27 @@ pub fn socket_at(tid: u32, fd: RawFd) -> Result<TheirSocket, Errno> {
         protocol,
         flags,
     })
+}
+
+/// The inode of the socket at descriptor `fd` of thread `tid`, from its `/proc` link
+/// (`socket:[INODE]`); `ENOTSOCK` for anything else.
+pub fn socket_inode(tid: u32, fd: RawFd) -> Result<u64, Errno> {
+    let link = std::fs::read_link(format!("/proc/{tid}/fd/{fd}")).map_err(io_errno)?;
+    socket_link_inode(&link).ok_or(Errno::ENOTSOCK)
+}
+
+/// The inode a `/proc/PID/fd` link names, if it is a socket's (`socket:[INODE]`).
+pub fn socket_link_inode(link: &std::path::Path) -> Option<u64> {
+    link.to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The errno of an I/O error (EIO for one without).
+fn io_errno(e: std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 /// A pidfd for `pid` (Linux 5.3+), close-on-exec. Signals sent through it reach that process or

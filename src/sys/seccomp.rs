@@ -4,8 +4,9 @@
 //!
 //! The filter reports only `bind` calls whose address length can be an IPv4 or IPv6 address's
 //! (that of `sockaddr_in` or `sockaddr_in6`, or that of a buffer larger than any unix address);
-//! everything else, nearly every unix bind included, never leaves the kernel. A reported call waits until grace answers: with success after it installed its own
-//! socket at the caller's descriptor (`SECCOMP_IOCTL_NOTIF_ADDFD` with `SECCOMP_ADDFD_FLAG_SETFD`,
+//! everything else, nearly every unix bind included, never leaves the kernel. A reported call
+//! waits until grace answers: with success after it installed its own socket at the caller's
+//! descriptor (`SECCOMP_IOCTL_NOTIF_ADDFD` with `SECCOMP_ADDFD_FLAG_SETFD`,
 //! like `dup3`), or with `SECCOMP_USER_NOTIF_FLAG_CONTINUE`, which runs the call as if no filter
 //! were there.
 
@@ -369,7 +370,7 @@ pub fn read_memory(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
         // process_vm_readv without CAP_SYS_PTRACE (EPERM), but not open and pread.
         Err(Errno::EPERM | Errno::ENOSYS) => std::fs::File::open(format!("/proc/{pid}/mem"))
             .and_then(|mem| mem.read_at(&mut buf, addr))
-            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?,
+            .map_err(super::io_errno)?,
         Err(e) => return Err(e),
     };
     buf.truncate(got);

@@ -620,6 +620,49 @@ impl Drop for Logs<'_> {
     }
 }
 
+/// A container named `demo` of `image`, serving on its own 127.0.0.1:8080.
+struct Demo<'a> {
+    logs: Logs<'a>,
+    /// The host's pid of grace, the container's PID 1.
+    grace: i32,
+    netns: Netns,
+    addr: SocketAddr,
+    /// The pid (inside) that answered first.
+    first: i32,
+}
+
+impl<'a> Demo<'a> {
+    /// `docker run -d --name demo --network none IMAGE`, until its first answer. The README
+    /// publishes the port (`-p 8080:8080`); this engine has no bridge to do that through, and
+    /// the clients join the container's network namespace instead.
+    fn run(engine: &'a Engine, image: &str) -> Demo<'a> {
+        engine.ok(&["run", "-d", "--name", "demo", "--network", "none", image]);
+        let logs = Logs(engine);
+        // 0 once the container has exited.
+        let grace: i32 = engine
+            .ok(&["inspect", "-f", "{{.State.Pid}}", "demo"])
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(grace > 0, "the container exited at once");
+        let netns = Netns::of(grace);
+        let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let first = netns.run(move || {
+            wait_for("the first generation to answer", T, || {
+                let (status, body) = http_get(addr, "/").ok()?;
+                (status == 200).then(|| served_by(&body))
+            })
+        });
+        Demo {
+            logs,
+            grace,
+            netns,
+            addr,
+            first,
+        }
+    }
+}
+
 /// The README's sequence against a container of the image users build, with grace as its PID 1:
 /// `docker run`, `docker kill -s USR2`, `docker exec … grace restart` (exit 0, a new pid), a
 /// broken release it rolls back (exit 1, the old pid serving), `grace status`, then
@@ -641,33 +684,13 @@ fn the_readme_sequence_in_a_real_container_loses_no_request() {
     std::fs::write(context.join("Dockerfile"), stand_in_dockerfile()).unwrap();
     engine.ok(&["build", "-t", "grace-demo", context.to_str().unwrap()]);
 
-    // The README publishes the port (`-p 8080:8080`); this engine has no bridge to do that
-    // through, and the clients join the container's network namespace instead.
-    engine.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "demo",
-        "--network",
-        "none",
-        "grace-demo",
-    ]);
-    let logs = Logs(&engine);
-    // The host's pid of grace, 0 once the container has exited.
-    let grace: i32 = engine
-        .ok(&["inspect", "-f", "{{.State.Pid}}", "demo"])
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(grace > 0, "the container exited at once");
-    let netns = Netns::of(grace);
-    let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-    let first = netns.run(move || {
-        wait_for("the first generation to answer", T, || {
-            let (status, body) = http_get(addr, "/").ok()?;
-            (status == 200).then(|| served_by(&body))
-        })
-    });
+    let Demo {
+        logs,
+        grace,
+        netns,
+        addr,
+        first,
+    } = Demo::run(&engine, "grace-demo");
     let status0 = status(&engine);
     assert_eq!(
         status0["pid"], 1,
@@ -788,30 +811,13 @@ fn a_server_that_binds_its_port_is_substituted_in_a_container() {
     )
     .unwrap();
     engine.ok(&["build", "-t", "grace-bind", context.to_str().unwrap()]);
-    engine.ok(&[
-        "run",
-        "-d",
-        "--name",
-        "demo",
-        "--network",
-        "none",
-        "grace-bind",
-    ]);
-    let logs = Logs(&engine);
-    let grace: i32 = engine
-        .ok(&["inspect", "-f", "{{.State.Pid}}", "demo"])
-        .trim()
-        .parse()
-        .unwrap();
-    assert!(grace > 0, "the container exited at once");
-    let netns = Netns::of(grace);
-    let addr: SocketAddr = "127.0.0.1:8080".parse().unwrap();
-    let first = netns.run(move || {
-        wait_for("the first generation to answer", T, || {
-            let (status, body) = http_get(addr, "/").ok()?;
-            (status == 200).then(|| served_by(&body))
-        })
-    });
+    let Demo {
+        logs,
+        netns,
+        addr,
+        first,
+        ..
+    } = Demo::run(&engine, "grace-bind");
     // Answering before grace's readiness check has passed: current once it has.
     wait_for("generation 1 to be current", T, || {
         (status(&engine)["current"]["generation"] == 1).then_some(())

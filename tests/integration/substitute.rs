@@ -135,18 +135,24 @@ fn binds_racing_a_restart_are_answered() {
         (std::fs::read_dir(&dir).unwrap().count() >= 2).then_some(())
     });
     for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-        let text = std::fs::read_to_string(entry.path()).unwrap();
-        let v: Vec<f64> = text
-            .split_whitespace()
-            .take(3)
-            .map(|x| x.parse().unwrap())
-            .collect();
-        let (count, errors, worst_ms) = (v[0], v[1], v[2]);
-        assert!(count > 100.0, "{text}");
-        assert_eq!(errors, 0.0, "{text}");
-        assert!(worst_ms < 1000.0, "a bind waited {worst_ms} ms: {text}");
+        binds_were_answered(&entry.path());
     }
     stop(grace);
+}
+
+/// What a `bind_loop.py` generation wrote at its stop: it bound many times, every bind succeeded,
+/// none waited as long as a second.
+fn binds_were_answered(results: &Path) {
+    let text = std::fs::read_to_string(results).unwrap();
+    let v: Vec<f64> = text
+        .split_whitespace()
+        .take(3)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (count, errors, worst_ms) = (v[0], v[1], v[2]);
+    assert!(count > 100.0, "{text}");
+    assert_eq!(errors, 0.0, "{text}");
+    assert!(worst_ms < 1000.0, "a bind waited {worst_ms} ms: {text}");
 }
 
 /// A new grace binary that hangs on the handoff check holds the restart up for seconds: the
@@ -186,19 +192,8 @@ fn binds_are_answered_while_a_new_binary_hangs_on_the_handoff_check() {
     assert_eq!(grace.wait_exit(T).code(), Some(0), "{}", grace.describe());
     let results: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
     assert_eq!(results.len(), 1, "one generation's results");
-    let text = std::fs::read_to_string(results[0].path()).unwrap();
-    let v: Vec<f64> = text
-        .split_whitespace()
-        .take(3)
-        .map(|x| x.parse().unwrap())
-        .collect();
-    let (count, errors, worst_ms) = (v[0], v[1], v[2]);
-    assert!(count > 100.0, "{text}");
-    assert_eq!(errors, 0.0, "{text}");
-    assert!(
-        worst_ms < 1000.0,
-        "a bind waited {worst_ms} ms for the check: {text}"
-    );
+    // A bind that waited for the check would have waited its 5 s.
+    binds_were_answered(&results[0].path());
 }
 
 /// A grace that may not read its server's memory (root without CAP_SYS_PTRACE, the server
